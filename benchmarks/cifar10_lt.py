@@ -1,0 +1,295 @@
+"""CIFAR-10-LT (imbalance factor 100) from the CIFAR-10 JPEG folder: long-tail methods on ResNet-32.
+
+Every method trains under one schedule, the LDAM-DRW one scaled to ``--epochs`` (200 = the published
+schedule: 5 warm-up epochs, lr x0.01 at 160 and 180, DRW from 160). The default is a reduced schedule
+that fits the 2-core CPU budget (about 30 minutes for the three methods). It writes
+``benchmarks/results/<name>.json`` and ``<name>.md``: rows ``CE``, ``LA``, ``LDAM-DRW`` with ``acc``,
+``acc_many``, ``acc_medium``, ``acc_few`` (fractions; CIFAR-10-LT IF=100 has no few-shot class, so
+``acc_few`` is null) and ``images_per_s``, plus rows ``PyTorch-loop`` and ``Lightning`` comparing the
+training throughput of ``Trainer.fit`` with a plain PyTorch loop (same model, loader, batch size and
+update; medians of alternating repeats) and their ``ratio_to_loop``.
+
+    python benchmarks/cifar10_lt.py                          # CPU, reduced schedule
+    python benchmarks/cifar10_lt.py --epochs 200 --name cifar10_lt-gpu --accelerator gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, TrainThroughput, default_shared_data, environment, set_threads, synchronize, write_results  # noqa: E402
+
+from lightning_lt.callbacks import DeferredReweighting  # noqa: E402
+from lightning_lt.datamodules import ImageFolderLT  # noqa: E402
+from lightning_lt.losses import CrossEntropyLoss, LDAMLoss, LogitAdjustedLoss  # noqa: E402
+from lightning_lt.nets import CIFARResNet  # noqa: E402
+from lightning_lt.optim import WarmupMultiStepLR  # noqa: E402
+from lightning_lt.tasks import LongTailClassifier  # noqa: E402
+
+COLUMNS = ("acc", "acc_many", "acc_medium", "acc_few", "images_per_s", "ratio_to_loop", "train_minutes")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The LDAM-DRW CIFAR schedule scaled to ``epochs`` (exact at 200)."""
+
+    epochs: int
+
+    @property
+    def warmup(self) -> int:
+        return max(1, round(5 * self.epochs / 200))
+
+    @property
+    def milestones(self) -> list[int]:
+        first = round(160 * self.epochs / 200)
+        return [first, max(first + 1, round(180 * self.epochs / 200))]
+
+    @property
+    def drw_start(self) -> int:
+        return self.milestones[0]
+
+
+@dataclass(frozen=True)
+class Method:
+    loss: Callable[..., torch.nn.Module]
+    head: str = "linear"
+    callbacks: Callable[[Schedule], list[Callback]] = field(default=lambda schedule: [])
+
+
+METHODS: dict[str, Method] = {
+    "CE": Method(CrossEntropyLoss),
+    "LA": Method(functools.partial(LogitAdjustedLoss, tau=1.0)),
+    "LDAM-DRW": Method(
+        functools.partial(LDAMLoss, max_m=0.5, s=30.0),
+        head="cosine",
+        callbacks=lambda schedule: [DeferredReweighting(start_epoch=schedule.drw_start, beta=0.9999)],
+    ),
+}
+
+
+class StopAfter(Callback):
+    """Stop at the end of the first epoch that ends ``minutes`` after this process started training.
+
+    Unlike Lightning's ``Timer`` it keeps no state, so a resumed segment gets its own budget."""
+
+    def __init__(self, minutes: float) -> None:
+        self.seconds = minutes * 60
+        self.start = time.perf_counter()
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: Any) -> None:
+        if time.perf_counter() - self.start > self.seconds:
+            trainer.should_stop = True
+
+
+def build_model(dm: ImageFolderLT, method: Method, schedule: Schedule, lr: float) -> LongTailClassifier:
+    return LongTailClassifier(
+        backbone=CIFARResNet(depth=32),
+        num_classes=dm.num_classes,
+        class_counts=dm.class_counts,
+        class_names=dm.class_names,
+        loss=method.loss,
+        head=method.head,
+        optimizer=functools.partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=2e-4),
+        lr_scheduler=functools.partial(
+            WarmupMultiStepLR, warmup_epochs=schedule.warmup, milestones=schedule.milestones, gamma=0.01
+        ),
+        log_per_class=False,
+        plot_per_class=False,
+    )
+
+
+def _nan_to_none(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def train_method(name: str, dm: ImageFolderLT, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train one method; ``None`` when a ``--segment-minutes`` budget stopped it before the end (the state
+    is then saved in ``--checkpoint-dir`` and the next call resumes from it)."""
+    method = METHODS[name]
+    schedule = Schedule(args.epochs)
+    seed_everything(args.seed, workers=True)
+    model = build_model(dm, method, schedule, args.lr)
+    throughput = TrainThroughput(skip_epochs=1 if args.epochs > 1 else 0)
+    checkpoint = Path(args.checkpoint_dir) / f"{name}.ckpt" if args.checkpoint_dir else None
+    extra: list[Callback] = []
+    if args.segment_minutes:
+        extra.append(StopAfter(args.segment_minutes))
+    trainer = Trainer(
+        max_epochs=args.epochs,
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=args.val_every or args.epochs,
+        callbacks=[throughput, *method.callbacks(schedule), *extra],
+        benchmark=args.accelerator != "cpu",
+    )
+    start = time.perf_counter()
+    resume = str(checkpoint) if checkpoint is not None and checkpoint.exists() else None
+    trainer.fit(model, datamodule=dm, ckpt_path=resume)
+    minutes = (time.perf_counter() - start) / 60
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(checkpoint)
+    if trainer.current_epoch < args.epochs:
+        print(f"{name}: stopped after epoch {trainer.current_epoch} of {args.epochs} "
+              f"({minutes:.1f} min, {throughput.images_per_s:.0f} images/s); resume from {checkpoint}", flush=True)
+        return None
+    metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    row = {"name": name}
+    for key in ("acc", "acc_many", "acc_medium", "acc_few"):
+        row[key] = _nan_to_none(float(metrics[f"val/{key}"]))
+    row["images_per_s"] = throughput.images_per_s
+    row["train_minutes"] = minutes
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _plain_loop_images_per_s(dm: ImageFolderLT, steps: int, lr: float, device: torch.device) -> float:
+    """A plain PyTorch training loop with the same model, loader and update as the ``CE`` Lightning run."""
+    model = build_model(dm, METHODS["CE"], Schedule(200), lr).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=2e-4)
+    model.train()
+    start = last = None
+    images = 0
+    for step, (x, y) in enumerate(dm.train_dataloader()):
+        if step >= steps:
+            break
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        synchronize(device)
+        now = time.perf_counter()
+        if start is None:
+            start = now
+        else:
+            images += y.shape[0]
+        last = now
+    return images / (last - start)
+
+
+def _lightning_images_per_s(dm: ImageFolderLT, steps: int, args: argparse.Namespace) -> float:
+    model = build_model(dm, METHODS["CE"], Schedule(200), args.lr)
+    throughput = TrainThroughput(skip_epochs=0)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=steps,
+        limit_val_batches=0,
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        callbacks=[throughput],
+    )
+    trainer.fit(model, datamodule=dm)
+    return throughput.images_per_s
+
+
+def compare_with_plain_loop(dm: ImageFolderLT, args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device("cuda" if args.accelerator in ("gpu", "cuda") or (
+        args.accelerator == "auto" and torch.cuda.is_available()) else "cpu")
+    dm.setup("fit")
+    loop, lightning = [], []
+    for _ in range(args.repeats):  # alternate, so that drifts of a noisy machine hit both alike
+        seed_everything(args.seed)
+        loop.append(_plain_loop_images_per_s(dm, args.throughput_steps, args.lr, device))
+        seed_everything(args.seed)
+        lightning.append(_lightning_images_per_s(dm, args.throughput_steps, args))
+    loop_median, lightning_median = statistics.median(loop), statistics.median(lightning)
+    return [
+        {"name": "PyTorch-loop", "images_per_s": loop_median, "ratio_to_loop": 1.0, "samples": loop},
+        {"name": "Lightning", "images_per_s": lightning_median, "ratio_to_loop": lightning_median / loop_median,
+         "samples": lightning},
+    ]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=default_shared_data("cifar10-jpeg"),
+                        help="balanced CIFAR-10 folder root/{train,test}/<class>/*.jpg")
+    parser.add_argument("--imbalance-factor", type=float, default=100.0,
+                        help="1 if --root already holds the long-tailed training subset")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--epochs", type=int, default=14)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--val-every", type=int, default=0, help="validate every N epochs (0: only at the end)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--throughput-steps", type=int, default=12, help="steps per throughput repeat (0: skip)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--segment-minutes", type=float, default=0,
+                        help="stop after this many minutes (at an epoch end) and save to --checkpoint-dir")
+    parser.add_argument("--checkpoint-dir", default="", help="resume each method from <dir>/<method>.ckpt")
+    parser.add_argument("--name", default="cifar10_lt")
+    parser.add_argument("--results-dir", default=str(RESULTS_DIR))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.accelerator == "cpu":
+        set_threads()
+    dm = ImageFolderLT(
+        root=args.root, imbalance_factor=args.imbalance_factor, in_memory=True, batch_size=args.batch_size,
+        num_workers=args.num_workers, pin_memory=args.accelerator != "cpu",
+        persistent_workers=args.num_workers > 0,
+    )
+    rows = [train_method(name, dm, args) for name in args.methods]
+    if None in rows:
+        return
+    if args.throughput_steps > 0:
+        rows += compare_with_plain_loop(dm, args)
+    schedule = Schedule(args.epochs)
+    setup = {
+        "data": f"CIFAR-10-LT from {Path(args.root).name}, imbalance factor {args.imbalance_factor:g} (exp), "
+                f"{sum(dm.class_counts)} training images, balanced test set of 10,000",
+        "class_counts": dm.class_counts,
+        "model": "ResNet-32 (CIFAR, option-A shortcuts); cosine classifier for LDAM-DRW",
+        "schedule": f"{args.epochs} epochs, SGD lr {args.lr} momentum 0.9 wd 2e-4, batch {args.batch_size}, "
+                    f"warm-up {schedule.warmup} epochs, lr x0.01 at {schedule.milestones}, DRW from "
+                    f"{schedule.drw_start} (beta 0.9999)",
+        "precision": args.precision,
+        "accelerator": args.accelerator,
+        "throughput": f"training images/s from the end of the first batch to the end of the last, epochs "
+                      f"after the first; Lightning vs plain loop: medians of {args.repeats} alternating "
+                      f"repeats of {args.throughput_steps} steps",
+        **environment(),
+    }
+    notes = ["acc_few is null: CIFAR-10-LT IF=100 has no class with fewer than 20 training images "
+             "(8 many-shot, 2 medium-shot classes)."]
+    write_results(args.name, setup, rows, COLUMNS, notes, Path(args.results_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Long-tailed 8x8 digits: a real data set bundled with scikit-learn, for the no-download quickstart."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from lightning_lt.datamodules.base import LongTailDataModule
+from lightning_lt.datamodules.profiles import imbalance_counts, long_tailed_indices
+
+__all__ = ["DigitsLT"]
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
+
+
+class DigitsLT(LongTailDataModule):
+    """scikit-learn's handwritten digits (1,797 images of 8x8 pixels, 10 classes) made long-tailed.
+
+    A balanced test set of ``test_per_class`` images per class is held out (chosen with
+    ``imbalance_seed``); the training set is the rest, cut to the counts of the imbalance profile
+    ``imbalance_counts(n_max, 10, imbalance_factor, profile)`` exactly as CIFAR-LT is. Images are
+    ``[1, 8, 8]`` float tensors in ``[0, 1]``. Nothing is downloaded: the data ships with scikit-learn.
+
+    Args:
+        imbalance_factor: ``n_max / n_min`` of the training counts (>= 1).
+        profile: ``"exp"`` or ``"step"`` imbalance profile.
+        n_max: training images of the most frequent class (at most 134: the smallest digit class has
+            174 images, 40 of which are held out by default).
+        test_per_class: held-out balanced test images per class.
+        imbalance_seed: seed of the test split and of the long-tailed subset.
+        batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size:
+            see :class:`~lightning_lt.datamodules.base.LongTailDataModule`.
+
+    Example:
+        >>> DigitsLT(imbalance_factor=10).class_counts
+        [130, 100, 77, 60, 46, 36, 28, 21, 16, 13]
+    """
+
+    def __init__(
+        self,
+        imbalance_factor: float = 10.0,
+        profile: Literal["exp", "step"] = "exp",
+        n_max: int = 130,
+        test_per_class: int = 40,
+        imbalance_seed: int = 0,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        sampler: Optional[Literal["class_balanced", "sqrt"]] = None,
+        seed: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        eval_batch_size: Optional[int] = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size)
+        if test_per_class < 1:
+            raise ValueError(f"Expected `test_per_class` >= 1, got {test_per_class}")
+        if not 1 <= n_max <= 174 - test_per_class:
+            raise ValueError(
+                f"Expected 1 <= `n_max` <= {174 - test_per_class} (the smallest digit class has 174 images, "
+                f"{test_per_class} held out for testing), got {n_max}"
+            )
+        self.imbalance_factor = imbalance_factor
+        self.profile = profile
+        self.n_max = n_max
+        self.test_per_class = test_per_class
+        self.imbalance_seed = imbalance_seed
+        self._train_targets: Optional[list[int]] = None
+        self._compute_class_counts()  # validate the profile arguments now
+
+    def _compute_class_counts(self) -> list[int]:
+        return imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)
+
+    def _compute_class_names(self) -> list[str]:
+        return [str(i) for i in range(10)]
+
+    def _split(self) -> tuple[np.ndarray, np.ndarray]:
+        images, targets = _load_digits()
+        rng = np.random.RandomState(self.imbalance_seed)
+        test_idx, pool_idx = [], []
+        for c in range(10):
+            idx = np.flatnonzero(targets == c)
+            rng.shuffle(idx)
+            test_idx.append(idx[: self.test_per_class])
+            pool_idx.append(idx[self.test_per_class :])
+        pool = np.sort(np.concatenate(pool_idx))
+        train = pool[long_tailed_indices(targets[pool], self.class_counts, seed=self.imbalance_seed)]
+        return train, np.sort(np.concatenate(test_idx))
+
+    def setup(self, stage: str = "fit") -> None:
+        images, targets = _load_digits()
+        train_idx, test_idx = self._split()
+        x, y = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(targets)
+        self.train_dataset = TensorDataset(x[train_idx], y[train_idx])
+        self.test_dataset = TensorDataset(x[test_idx], y[test_idx])
+        self._train_targets = y[train_idx].tolist()
+
+    def train_targets(self) -> list[int]:
+        if self._train_targets is None:
+            self.setup("fit")
+        return list(self._train_targets)

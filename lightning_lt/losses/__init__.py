@@ -1,0 +1,26 @@
+"""Losses for long-tailed classification: ``nn.Module``s whose class priors/weights are buffers.
+
+Every loss takes ``class_counts`` as its first argument and reduces with optional per-class
+weights like ``F.cross_entropy(weight=...)``; functional forms live in
+:mod:`lightning_lt.losses.functional`.
+"""
+
+from lightning_lt.losses import functional
+from lightning_lt.losses.base import LongTailLoss
+from lightning_lt.losses.class_balanced import ClassBalancedLoss, class_balanced_weights
+from lightning_lt.losses.cross_entropy import CrossEntropyLoss
+from lightning_lt.losses.focal import FocalLoss
+from lightning_lt.losses.ldam import LDAMLoss
+from lightning_lt.losses.logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
+
+__all__ = [
+    "BalancedSoftmaxLoss",
+    "ClassBalancedLoss",
+    "CrossEntropyLoss",
+    "FocalLoss",
+    "LDAMLoss",
+    "LogitAdjustedLoss",
+    "LongTailLoss",
+    "class_balanced_weights",
+    "functional",
+]

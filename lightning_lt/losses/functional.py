@@ -1,0 +1,28 @@
+"""Functional forms of every loss in :mod:`lightning_lt.losses` (the modules call these).
+
+Example:
+    >>> import torch
+    >>> from lightning_lt.losses import functional as LF
+    >>> logits, target = torch.tensor([[1.0, 1.0]]), torch.tensor([1])
+    >>> print(f"{LF.cross_entropy(logits, target).item():.4f}")
+    0.6931
+"""
+
+from lightning_lt.losses.base import weighted_reduce
+from lightning_lt.losses.class_balanced import class_balanced_loss, class_balanced_weights
+from lightning_lt.losses.cross_entropy import cross_entropy
+from lightning_lt.losses.focal import focal_loss
+from lightning_lt.losses.ldam import ldam_loss, ldam_margins
+from lightning_lt.losses.logit_adjusted import balanced_softmax_loss, logit_adjusted_cross_entropy
+
+__all__ = [
+    "balanced_softmax_loss",
+    "class_balanced_loss",
+    "class_balanced_weights",
+    "cross_entropy",
+    "focal_loss",
+    "ldam_loss",
+    "ldam_margins",
+    "logit_adjusted_cross_entropy",
+    "weighted_reduce",
+]

@@ -1,0 +1,31 @@
+"""Backbones and classifier heads (CIFAR ResNets, torchvision feature extractors, MLP)."""
+
+from lightning_lt.nets.cifar_resnet import (
+    BasicBlock,
+    CIFARResNet,
+    OptionAShortcut,
+    resnet20,
+    resnet32,
+    resnet44,
+    resnet56,
+    resnet110,
+)
+from lightning_lt.nets.heads import CosineClassifier, build_head
+from lightning_lt.nets.mlp import MLP
+from lightning_lt.nets.torchvision_nets import TorchvisionBackbone, available_archs
+
+__all__ = [
+    "MLP",
+    "BasicBlock",
+    "CIFARResNet",
+    "CosineClassifier",
+    "OptionAShortcut",
+    "TorchvisionBackbone",
+    "available_archs",
+    "build_head",
+    "resnet20",
+    "resnet32",
+    "resnet44",
+    "resnet56",
+    "resnet110",
+]

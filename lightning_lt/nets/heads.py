@@ -1,0 +1,98 @@
+"""Classifier heads: linear and cosine (normalised) classifiers."""
+
+import numbers
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive integer, got {value!r}")
+
+
+class CosineClassifier(nn.Module):
+    r"""Cosine-similarity classifier (the ``NormedLinear`` head used with the LDAM loss).
+
+    .. math::
+        \mathrm{out}_{ij} = \frac{x_i}{\lVert x_i \rVert} \cdot \frac{W_{:j}}{\lVert W_{:j} \rVert} \in [-1, 1]
+
+    with weight ``W`` of shape ``[in_features, out_features]`` (one column per class), no bias and no scale
+    (the loss multiplies by ``s``, e.g. ``LDAMLoss(s=30)``). ``W`` is initialised uniform in ``[-1, 1]`` and
+    its columns are renormalised to norm <= 1e-5, then scaled by 1e5 (so every column has norm ~1).
+
+    Args:
+        in_features: feature dimension.
+        out_features: number of classes.
+
+    Raises:
+        ValueError: non-positive sizes.
+
+    Example:
+        >>> import torch
+        >>> head = CosineClassifier(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = head.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+        >>> head(torch.tensor([[3.0, 4.0]])).detach()  # x / |x| = (0.6, 0.8); unit columns (1, 0) and (0, 1)
+        tensor([[0.6000, 0.8000]])
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        _check_positive_int("in_features", in_features)
+        _check_positive_int("out_features", out_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1, 1), then renormalise every column (class vector) to unit norm."""
+        with torch.no_grad():
+            self.weight.uniform_(-1, 1).renorm_(2, 1, 1e-5).mul_(1e5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Cosine similarities ``[B, out_features]`` between features ``[B, in_features]`` and class vectors."""
+        return F.normalize(x, dim=1) @ F.normalize(self.weight, dim=0)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def build_head(
+    kind: Literal["linear", "cosine"],
+    in_features: int,
+    num_classes: int,
+    init: Literal["default", "kaiming_normal"] = "default",
+) -> nn.Module:
+    """Build a classifier head on ``in_features`` features.
+
+    Args:
+        kind: ``"linear"`` (``nn.Linear`` with bias) or ``"cosine"`` (:class:`CosineClassifier`, for LDAM).
+        in_features: feature dimension (the backbone's ``num_features``).
+        num_classes: number of classes.
+        init: weight init of the linear head: PyTorch's default, or ``kaiming_normal_`` as in LDAM-DRW's
+            ResNet-32 (bias keeps PyTorch's default). Ignored by the cosine head.
+
+    Raises:
+        ValueError: unknown ``kind`` or ``init``, non-positive sizes.
+
+    Example:
+        >>> build_head("linear", 64, 10)
+        Linear(in_features=64, out_features=10, bias=True)
+        >>> build_head("cosine", 64, 10)
+        CosineClassifier(in_features=64, out_features=10)
+    """
+    _check_positive_int("in_features", in_features)
+    _check_positive_int("num_classes", num_classes)
+    if init not in ("default", "kaiming_normal"):
+        raise ValueError(f"Expected `init` to be one of 'default', 'kaiming_normal', got {init!r}")
+    if kind == "linear":
+        head = nn.Linear(in_features, num_classes)
+        if init == "kaiming_normal":
+            nn.init.kaiming_normal_(head.weight)
+        return head
+    if kind == "cosine":
+        return CosineClassifier(in_features, num_classes)
+    raise ValueError(f"Expected `kind` to be one of 'linear', 'cosine', got {kind!r}")

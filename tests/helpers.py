@@ -1,0 +1,17 @@
+"""Shared helpers for the test suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir(name: str = "") -> Path:
+    """Return ``../shared/data/<name>`` relative to the repository root, or skip the test."""
+    path = (REPO_ROOT.parent / "shared" / "data" / name).resolve()
+    if not path.exists():
+        pytest.skip(f"real data set not found at {path} (the workplace's ../shared/data is absent)")
+    return path

@@ -1,0 +1,54 @@
+"""Every config in configs/ runs `lightning-lt fit --trainer.fast_dev_run=true`, with data paths overridden."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_lt.cli import main
+from tests.datamodules.test_cifar import make_cifar10, make_cifar100
+from tests.helpers import REPO_ROOT, shared_data_dir
+
+CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def fake_cifar_root(tmp_path_factory) -> str:
+    """CIFAR-10 and CIFAR-100 in the official pickle layout, random pixels (no download in tests)."""
+    root = tmp_path_factory.mktemp("cifar")
+    make_cifar10(root)
+    make_cifar100(root)
+    return str(root)
+
+
+def data_overrides(config: Path, fake_cifar_root: str) -> list[str]:
+    text = config.read_text()
+    if "lightning_lt.datamodules.CIFAR" in text:
+        return [f"--data.init_args.root={fake_cifar_root}", "--data.init_args.num_workers=0"]
+    if "lightning_lt.datamodules.ImageFolderLT" in text:
+        root = shared_data_dir("cifar10-jpeg")
+        return [f"--data.init_args.root={root}", "--data.init_args.in_memory=false", "--data.init_args.num_workers=0"]
+    return []
+
+
+def test_every_config_is_covered():
+    names = {str(p.relative_to(REPO_ROOT / "configs")) for p in CONFIGS}
+    assert "quickstart.yaml" in names
+    for dataset in ("cifar10_lt", "cifar100_lt"):
+        for method in ("ce", "focal", "cb_focal", "ldam_drw", "la", "balanced_softmax"):
+            assert f"{dataset}/{method}.yaml" in names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
+def test_config_fast_dev_run(config, fake_cifar_root, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-lt"])
+    monkeypatch.chdir(REPO_ROOT)  # relative data paths in configs are relative to the repository root
+    main([
+        "fit",
+        "--config", str(config),
+        "--trainer.fast_dev_run=true",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+        *data_overrides(config, fake_cifar_root),
+    ])
