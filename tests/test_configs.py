@@ -37,6 +37,9 @@ def test_every_config_is_covered():
     for dataset in ("cifar10_lt", "cifar100_lt"):
         for method in ("ce", "focal", "cb_focal", "ldam_drw", "la", "balanced_softmax"):
             assert f"{dataset}/{method}.yaml" in names
+        for sam in ("sam", "imbsam", "ssesam"):  # the SAM family on CE and on LDAM-DRW
+            for base in ("ce", "ldam_drw"):
+                assert f"{dataset}/{sam}_{base}.yaml" in names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))

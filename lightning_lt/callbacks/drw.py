@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from lightning_lt.callbacks.stages import StageCallback
 from lightning_lt.losses.class_balanced import _check_beta, class_balanced_weights
 
 
-class DeferredReweighting(Callback):
+class DeferredReweighting(StageCallback):
     """Switch the loss to class-balanced weights from epoch ``start_epoch`` on (deferred re-weighting).
 
     For epochs ``e < start_epoch`` the loss is unweighted; from ``e >= start_epoch`` (0-based, as
@@ -22,7 +23,8 @@ class DeferredReweighting(Callback):
     the batch loss is ``sum_i w_{y_i} l_i / sum_i w_{y_i}``. LDAM-DRW uses ``start_epoch=160`` of 200
     epochs and ``beta=0.9999``.
 
-    The weights are (re)applied in ``on_fit_start`` and every ``on_train_epoch_start``. Whether the
+    A :class:`~lightning_lt.callbacks.stages.StageCallback` with two stages (unweighted, re-weighted):
+    the weights are (re)applied in ``on_fit_start`` and every ``on_train_epoch_start``, and whether the
     switch has happened is kept in the callback's ``state_dict``, so a run resumed from a checkpoint
     saved after the switch is re-weighted from its first step (Lightning calls ``on_fit_start``
     before it restores ``trainer.current_epoch``).
@@ -66,7 +68,11 @@ class DeferredReweighting(Callback):
         self.start_epoch = start_epoch
         self.beta = float(beta)
         self.loss_attr = loss_attr
-        self.active = False
+
+    @property
+    def active(self) -> bool:
+        """Whether the loss is re-weighted (the second stage)."""
+        return bool(self.stage)
 
     @property
     def state_key(self) -> str:
@@ -100,36 +106,31 @@ class DeferredReweighting(Callback):
             counts = counts.detach().cpu()
         return counts
 
-    def _apply(self, pl_module: Any, active: bool, epoch: int) -> None:
+    def stage_at(self, epoch: int, trainer: Any) -> Hashable:
+        return epoch >= self.start_epoch
+
+    def apply_stage(self, trainer: Any, pl_module: Any, stage: Hashable) -> None:
         loss = self._loss(pl_module)
-        if active:
+        if stage:
             weights = class_balanced_weights(self._class_counts(pl_module), self.beta)
             loss.set_class_weights(weights)
-            if not self.active:
-                rank_zero_info(
-                    f"DeferredReweighting: epoch {epoch}: `{self.loss_attr}` switched to class-balanced weights "
-                    f"(beta={self.beta}, min/max weight {weights.min().item():.4g}/{weights.max().item():.4g})."
-                )
         else:
             loss.set_class_weights(None)
-        self.active = active
+
+    def describe_stage(self, stage: Hashable) -> str:
+        return f"`{self.loss_attr}` class-balanced weights (beta={self.beta})" if stage else f"`{self.loss_attr}` unweighted"
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Validate before the first batch and re-apply a switch restored from a checkpoint:
-        # Lightning restores `trainer.current_epoch` only after this hook, so `self.active` carries it.
-        self._class_counts(pl_module)
+        self._class_counts(pl_module)  # validate before the first batch
         if self.active:
             rank_zero_info(f"DeferredReweighting: re-applying class-balanced weights to `{self.loss_attr}` (resumed).")
-        self._apply(pl_module, self.active or trainer.current_epoch >= self.start_epoch, trainer.current_epoch)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply(pl_module, trainer.current_epoch >= self.start_epoch, trainer.current_epoch)
+        super().on_fit_start(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"active": self.active, "start_epoch": self.start_epoch, "beta": self.beta}
+        return {"stage": self.stage, "active": self.active, "start_epoch": self.start_epoch, "beta": self.beta}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.active = bool(state_dict.get("active", self.active))
+        self.stage = bool(state_dict.get("stage", state_dict.get("active", self.active)))
         saved = (state_dict.get("start_epoch", self.start_epoch), state_dict.get("beta", self.beta))
         if saved != (self.start_epoch, self.beta):
             rank_zero_warn(

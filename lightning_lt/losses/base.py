@@ -254,6 +254,32 @@ class LongTailLoss(nn.Module):
         check_logits_target(logits, target, self.num_classes, owner=type(self).__name__)
         return self._compute(logits, target)
 
+    def per_sample_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Per-sample losses ``[B]`` whose mean is the ``"mean"`` reduction of this loss.
+
+        Unweighted: ``l_i``. With class weights: ``w_{y_i} l_i * B / sum_j w_{y_j}``, so that the mean is
+        ``sum_i w_{y_i} l_i / sum_j w_{y_j}``. Used by ImbSAM / SSE-SAM, which split the batch loss into
+        head-class and tail-class sums.
+
+        Example:
+            >>> loss = LongTailLoss([30, 10])
+            >>> loss._compute = lambda logits, target: weighted_reduce(logits[:, 0], target, loss.weight, loss.reduction)
+            >>> loss.set_class_weights([1.0, 3.0])
+            >>> per_sample = loss.per_sample_loss(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 1]))
+            >>> print(per_sample.tolist(), per_sample.mean().item())
+            [0.5, 3.0] 1.75
+        """
+        check_logits_target(logits, target, self.num_classes, owner=type(self).__name__)
+        reduction = self.reduction
+        self.reduction = "none"
+        try:
+            per_sample = self._compute(logits, target)
+        finally:
+            self.reduction = reduction
+        if self.weight is not None:
+            per_sample = per_sample * (per_sample.shape[0] / self.weight.to(per_sample.dtype)[target].sum())
+        return per_sample
+
     def _compute(self, logits: Tensor, target: Tensor) -> Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement `_compute(logits, target)`.")
 

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules."""
+"""Optimizer wrappers (the SAM family), rho schedules and learning-rate schedules."""
 
 from lightning_lt.optim.lr_scheduler import (
     WarmupCosineFactor,
@@ -6,5 +6,21 @@ from lightning_lt.optim.lr_scheduler import (
     WarmupMultiStepFactor,
     WarmupMultiStepLR,
 )
+from lightning_lt.optim.rho import ConstantRho, LinearRho, RhoSchedule, StepRho
+from lightning_lt.optim.sam import SAM, SSESAM, GroupSAM, ImbSAM, preserve_batchnorm_stats
 
-__all__ = ["WarmupCosineFactor", "WarmupCosineLR", "WarmupMultiStepFactor", "WarmupMultiStepLR"]
+__all__ = [
+    "SAM",
+    "SSESAM",
+    "ConstantRho",
+    "GroupSAM",
+    "ImbSAM",
+    "LinearRho",
+    "RhoSchedule",
+    "StepRho",
+    "WarmupCosineFactor",
+    "WarmupCosineLR",
+    "WarmupMultiStepFactor",
+    "WarmupMultiStepLR",
+    "preserve_batchnorm_stats",
+]

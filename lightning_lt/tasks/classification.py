@@ -5,14 +5,14 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from lightning_lt.losses import CrossEntropyLoss
+from lightning_lt.losses import CrossEntropyLoss, LongTailLoss
 from lightning_lt.metrics import LongTailAccuracy, shot_groups
 from lightning_lt.nets import build_head
 from lightning_lt.tasks.plotting import log_figure, per_class_accuracy_figure
@@ -159,12 +159,20 @@ class LongTailClassifier(LightningModule):
         return logits - self.posthoc_tau * self.log_prior.to(logits.dtype)
 
     # -------------------------------------------------------------------------------------- training
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Union[Tensor, dict[str, Tensor]]:
+        """The batch loss; with a :mod:`lightning_lt.losses` loss also the per-sample losses and targets
+        (``{"loss", "per_sample_loss", "target"}``, the protocol of the ImbSAM / SSE-SAM callbacks)."""
         x, y = batch
         logits = self(x)
-        loss = self.loss(logits, y)
+        if isinstance(self.loss, LongTailLoss) and self.loss.reduction == "mean":
+            per_sample = self.loss.per_sample_loss(logits, y)
+            loss = per_sample.mean()
+            output: Union[Tensor, dict[str, Tensor]] = {"loss": loss, "per_sample_loss": per_sample, "target": y}
+        else:
+            loss = self.loss(logits, y)
+            output = loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0])
-        return loss
+        return output
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metric)
@@ -209,11 +217,13 @@ class LongTailClassifier(LightningModule):
             values = metric.compute()
         per_class = metric.per_class()
         keys = ["acc", "balanced_acc"] + (["acc_many", "acc_medium", "acc_few"] if self.has_shot_groups else [])
-        # Metric values are already synchronised across processes by torchmetrics.
-        self.log_dict({f"{stage}/{k}": values[k] for k in keys})
+        # torchmetrics has already synchronised the values, so every rank holds the same numbers;
+        # sync_dist only tells Lightning so (averaging equal values), keeping DDP runs warning-free.
+        self.log_dict({f"{stage}/{k}": values[k] for k in keys}, sync_dist=True)
         if self.log_per_class:
             self.log_dict(
-                {f"{stage}/class_acc/{_safe_key(name)}": per_class[i] for i, name in enumerate(self.class_names)}
+                {f"{stage}/class_acc/{_safe_key(name)}": per_class[i] for i, name in enumerate(self.class_names)},
+                sync_dist=True,
             )
         metric.reset()
         return per_class

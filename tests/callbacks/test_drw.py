@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lt.callbacks import DeferredReweighting
 from lightning_lt.losses import CrossEntropyLoss, LDAMLoss
+from tests.helpers import DDP_STRATEGY
 
 COUNTS = [12, 8, 4]
 pytestmark = pytest.mark.filterwarnings(
@@ -169,7 +170,8 @@ def test_resume_matches_uninterrupted_run(tmp_path, resume_epoch):
     assert ckpt_path.exists(), sorted(p.name for p in ckpt_dir.iterdir())
     saved = torch.load(ckpt_path, weights_only=False)
     drw_state = saved["callbacks"][DeferredReweighting(start_epoch, 0.9).state_key]
-    assert drw_state == {"active": resume_epoch >= start_epoch, "start_epoch": start_epoch, "beta": 0.9}
+    active = resume_epoch >= start_epoch
+    assert drw_state == {"stage": active, "active": active, "start_epoch": start_epoch, "beta": 0.9}
     assert ("loss.weight" in saved["state_dict"]) is (resume_epoch >= start_epoch)
 
     resumed = TinyModule()
@@ -205,7 +207,7 @@ def test_state_dict_round_trip():
     module = SimpleNamespace(class_counts=COUNTS, loss=CrossEntropyLoss(COUNTS))
     drw.on_train_epoch_start(SimpleNamespace(current_epoch=1), module)
     state = drw.state_dict()
-    assert state == {"active": True, "start_epoch": 1, "beta": 0.99}
+    assert state == {"stage": True, "active": True, "start_epoch": 1, "beta": 0.99}
     other = DeferredReweighting(start_epoch=1, beta=0.99)
     other.load_state_dict(state)
     assert other.active is True and other.state_dict() == state
@@ -278,7 +280,7 @@ def test_ddp_switches_weights_on_both_ranks(tmp_path):
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=DDP_STRATEGY,
         max_epochs=3,
         callbacks=[DeferredReweighting(start_epoch=1, beta=0.9)],
         logger=False,

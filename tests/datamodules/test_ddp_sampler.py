@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 
 from lightning_lt.datamodules import ResampledSampler
 from tests.datamodules.utils import ToyLT
+from tests.helpers import DDP_STRATEGY
 
 COUNTS = (40, 15, 8)  # 63 samples: the 2-rank plan is padded to 64
 SEED = 3
@@ -48,7 +49,7 @@ def test_ddp_ranks_split_the_single_process_plan(tmp_path):
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=DDP_STRATEGY,
         max_epochs=EPOCHS,
         limit_val_batches=0,
         logger=False,

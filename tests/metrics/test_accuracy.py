@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lt.metrics import LongTailAccuracy, PerClassAccuracy, shot_groups
+from tests.helpers import DDP_STRATEGY
 
 CIFAR10_LT_IF100 = [5000, 2997, 1796, 1077, 645, 387, 232, 139, 83, 50]
 KEYS = ["acc", "balanced_acc", "acc_many", "acc_medium", "acc_few"]
@@ -280,7 +281,7 @@ def test_ddp_sync_equals_single_process(tmp_path):
     trainer = Trainer(
         accelerator="cpu",
         devices=2,
-        strategy="ddp_spawn",
+        strategy=DDP_STRATEGY,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,

@@ -18,6 +18,7 @@ from lightning_lt.losses import CrossEntropyLoss, LDAMLoss, LogitAdjustedLoss
 from lightning_lt.nets import MLP
 from lightning_lt.tasks import LongTailClassifier
 from lightning_lt.tasks.plotting import figure_to_array, log_figure, per_class_accuracy_figure
+from tests.helpers import DDP_STRATEGY
 
 COUNTS = [130, 100, 77, 60, 46, 36, 28, 21, 16, 13]  # DigitsLT(imbalance_factor=10)
 
@@ -229,6 +230,6 @@ def test_ddp_validation_equals_single_process(tmp_path):
     model = make_model(plot_per_class=False)
     make_trainer(tmp_path, max_epochs=1).fit(model, dm)
     single = make_trainer(tmp_path).validate(model, dm, verbose=False)[0]
-    ddp = make_trainer(tmp_path, devices=2, strategy="ddp_spawn").validate(model, dm, verbose=False)[0]
+    ddp = make_trainer(tmp_path, devices=2, strategy=DDP_STRATEGY).validate(model, dm, verbose=False)[0]
     for key in ("val/acc", "val/balanced_acc", "val/acc_many", "val/acc_medium", "val/acc_few"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
