@@ -208,7 +208,8 @@ def test_readme_yaml_snippets_parse(tmp_path):
         cli = parse("--config", QUICKSTART, "--config", str(snippet), tmp_path=tmp_path)
         found += [c for c in cli.trainer.callbacks if isinstance(c, (OptimizerStages, SAM))]
     stages, sam = found
-    assert isinstance(stages, OptimizerStages) and stages.stages[0] is None
+    assert isinstance(stages, OptimizerStages) and list(stages.stages) == [100]
+    assert stages.stage_at(99, None) == -1  # before the first key: the module's own optimizer
     assert isinstance(stages.stages[100](torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)), SAMOptimizer)
     assert isinstance(sam, SAM) and isinstance(sam.rho_schedule, StepRho)
     assert [sam.rho_at(e) for e in (0, 159, 160, 199)] == [0.05, 0.05, 0.1, 0.1]
