@@ -121,6 +121,15 @@ class StopAfter(Callback):
             trainer.should_stop = True
 
 
+def quiet_trainer(args: argparse.Namespace, **kwargs: Any) -> Trainer:
+    """A single-device Trainer without logger, checkpoints, progress bar or sanity check."""
+    return Trainer(
+        accelerator=args.accelerator, devices=1, precision=args.precision, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, **kwargs,
+    )
+
+
 def build_model(dm: ImageFolderLT, method: Method, schedule: Schedule, lr: float) -> LongTailClassifier:
     return LongTailClassifier(
         backbone=CIFARResNet(depth=32),
@@ -154,16 +163,9 @@ def train_method(name: str, dm: ImageFolderLT, args: argparse.Namespace) -> dict
     extra: list[Callback] = []
     if args.segment_minutes:
         extra.append(StopAfter(args.segment_minutes))
-    trainer = Trainer(
+    trainer = quiet_trainer(
+        args,
         max_epochs=args.epochs,
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         check_val_every_n_epoch=args.val_every or args.epochs,
         callbacks=[throughput, *method.callbacks(schedule), *extra],
         benchmark=args.accelerator != "cpu",
@@ -217,20 +219,7 @@ def _plain_loop_images_per_s(dm: ImageFolderLT, steps: int, lr: float, device: t
 def _lightning_images_per_s(dm: ImageFolderLT, steps: int, args: argparse.Namespace) -> float:
     model = build_model(dm, METHODS["CE"], Schedule(200), args.lr)
     throughput = TrainThroughput(skip_epochs=0)
-    trainer = Trainer(
-        max_epochs=1,
-        limit_train_batches=steps,
-        limit_val_batches=0,
-        accelerator=args.accelerator,
-        devices=1,
-        precision=args.precision,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=[throughput],
-    )
+    trainer = quiet_trainer(args, max_epochs=1, limit_train_batches=steps, limit_val_batches=0, callbacks=[throughput])
     trainer.fit(model, datamodule=dm)
     return throughput.images_per_s
 
