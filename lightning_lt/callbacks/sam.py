@@ -26,7 +26,8 @@ follows it. The group losses are ``sum_{i in group} l_i / B``.
 Limits, checked at ``setup`` with a message that says what to do: automatic optimization only, one
 optimizer, ``accumulate_grad_batches=1``, precision ``32-true`` / ``bf16-mixed`` (``16-mixed`` steps
 through a GradScaler without a closure, so a second pass is impossible there). Gradient clipping
-configured on the Trainer applies to each pass's gradient.
+configured on the Trainer applies to each pass's gradient. ``on_train_batch_end`` hooks receive the
+``outputs`` of the step's last pass (Lightning keeps the closure's latest result), not the first.
 """
 
 from __future__ import annotations
