@@ -27,11 +27,12 @@ Limits, checked at ``setup`` with a message that says what to do: automatic opti
 optimizer, ``accumulate_grad_batches=1``, precision ``32-true`` / ``bf16-mixed`` (``16-mixed`` steps
 through a GradScaler without a closure, so a second pass is impossible there). Gradient clipping
 configured on the Trainer applies to each pass's gradient. ``on_train_batch_end`` hooks receive the
-``outputs`` of the step's last pass (Lightning keeps the closure's latest result), not the first.
+``outputs`` of the first pass (the unperturbed, whole-batch ``training_step`` output).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -93,6 +94,7 @@ class SAMAdapter:
         self._ddp_model: Optional[DistributedDataParallel] = None
         self._pl_module: Optional[pl.LightningModule] = None
         self._original_training_step: Optional[Callable[..., Any]] = None
+        self._batch_loss: Optional[Tensor] = None  # whole-batch loss of the current pass (head/tail methods)
         #: ``sam_steps`` of the wrapper saved in a checkpoint, given to the next wrapper installed.
         self._restored_sam_steps: Optional[int] = None
 
@@ -181,6 +183,7 @@ class SAMAdapter:
                 )
             if adapter._group is None:
                 return output
+            adapter._batch_loss = output["loss"]
             loss = wrapper.group_loss(output["per_sample_loss"], output["target"], adapter._group)
             return {**output, "loss": loss}
 
@@ -199,13 +202,29 @@ class SAMAdapter:
         """One forward/backward pass through Lightning's closure (which zeroes the gradients itself)."""
         no_sync = self._ddp_model.no_sync() if (self._ddp_model is not None and not sync) else nullcontext()
         quiet = nullcontext() if first else _quiet_pass(self._pl_module)
+        # Lightning hands `on_train_batch_end` the result its closure stored last; keep the first pass's.
+        stored = _stored_closure_result(closure)
+        first_result = None if first or stored is None else stored._result
         self._group = group
+        self._batch_loss = None
         try:
             with no_sync, quiet:
                 loss = closure()
         finally:
             self._group = None
+            if first_result is not None:
+                stored._result = first_result
+        if first and stored is not None and self._batch_loss is not None and hasattr(stored._result, "loss"):
+            # a head/tail pass backpropagates its group loss; report the module's whole-batch loss
+            stored._result.loss = self._batch_loss.detach()
         return loss
+
+
+def _stored_closure_result(closure: Any) -> Any:
+    """Lightning's ``Closure`` behind the precision plugin's ``partial(_wrap_closure, model, optimizer,
+    closure)``, or ``None`` where Lightning's internals differ (then the last pass's result is kept)."""
+    inner = closure.args[-1] if isinstance(closure, functools.partial) and closure.args else closure
+    return inner if hasattr(inner, "_result") else None
 
 
 @contextmanager

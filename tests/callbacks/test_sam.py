@@ -233,3 +233,18 @@ def test_learning_rate_monitor_logs_the_base_optimizer_once(tmp_path):
     trainer.fit(Scheduled(protocol=False))
     header = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert [c for c in header if c.startswith("lr-")] == ["lr-SGD"]
+
+
+@pytest.mark.parametrize("make", [lambda: SAM(rho=0.5), lambda: ImbSAM(rho=0.5, tail_threshold=10)])
+def test_on_train_batch_end_gets_the_first_pass_outputs(make):
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(outputs["loss"].item())
+
+    module = LinearModule()
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[make(), Spy()])
+    trainer.fit(module)
+    assert seen == pytest.approx(module.first_pass_losses, abs=1e-6)
