@@ -47,7 +47,7 @@ from torch.optim import Optimizer
 
 from lightning_lt.callbacks.stages import StageCallback
 from lightning_lt.optim import sam as sam_optim
-from lightning_lt.optim.rho import RhoSchedule
+from lightning_lt.optim.rho import RhoSchedule, check_rho
 
 __all__ = ["SAM", "ImbSAM", "OptimizerStages", "SSESAM", "SAMAdapter"]
 
@@ -260,8 +260,9 @@ def _no_log(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-class _SAMFamily(StageCallback):
-    """Shared set-up of the SAM-family callbacks: checks, installation and removal of the wrapper."""
+class _AdapterCallback(StageCallback):
+    """A stage callback that installs optimizer wrappers through a :class:`SAMAdapter`: the trainer checks,
+    removal of the wrapper when fit ends, and the wrapper's step count in the checkpoint."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -271,13 +272,9 @@ class _SAMFamily(StageCallback):
         if stage == "fit":
             self.adapter.check_trainer(trainer, pl_module)
 
-    def make_wrapper(self, base: Optimizer, pl_module: pl.LightningModule) -> Optimizer:
-        raise NotImplementedError(f"{type(self).__name__} must implement `make_wrapper(base, pl_module)`")
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.adapter.install(trainer, pl_module, lambda base: self.make_wrapper(base, pl_module))
+    def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule, factory: OptimizerWrapper) -> None:
+        self.adapter.install(trainer, pl_module, factory)
         self.adapter.patch_training_step(pl_module)
-        super().on_fit_start(trainer, pl_module)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.adapter.uninstall(trainer)
@@ -299,10 +296,15 @@ class _SAMFamily(StageCallback):
         self.adapter.load_state_dict(state_dict)
 
 
-def _check_sam_every(sam_every: int) -> int:
-    if isinstance(sam_every, bool) or not isinstance(sam_every, int) or sam_every < 1:
-        raise ValueError(f"Expected `sam_every` to be an integer >= 1, got {sam_every!r}")
-    return sam_every
+class _SAMFamily(_AdapterCallback):
+    """SAM-family callbacks: the wrapper of :meth:`make_wrapper` is installed when fit starts."""
+
+    def make_wrapper(self, base: Optimizer, pl_module: pl.LightningModule) -> Optimizer:
+        raise NotImplementedError(f"{type(self).__name__} must implement `make_wrapper(base, pl_module)`")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.install(trainer, pl_module, lambda base: self.make_wrapper(base, pl_module))
+        super().on_fit_start(trainer, pl_module)
 
 
 def _check_threshold(tail_threshold: int) -> int:
@@ -335,10 +337,10 @@ class SAM(_SAMFamily):
         sam_every: int = 1,
     ) -> None:
         super().__init__()
-        self.rho = sam_optim._check_rho("rho", rho)
+        self.rho = check_rho("rho", rho)
         self.adaptive = adaptive
         self.rho_schedule = rho_schedule
-        self.sam_every = _check_sam_every(sam_every)
+        self.sam_every = sam_optim._check_sam_every(sam_every)
 
     def rho_at(self, epoch: int) -> float:
         return float(self.rho_schedule(epoch)) if self.rho_schedule is not None else self.rho
@@ -371,10 +373,10 @@ class ImbSAM(_SAMFamily):
 
     def __init__(self, rho: float = 0.05, tail_threshold: int = 20, adaptive: bool = False, sam_every: int = 1) -> None:
         super().__init__()
-        self.rho = sam_optim._check_rho("rho", rho)
+        self.rho = check_rho("rho", rho)
         self.tail_threshold = _check_threshold(tail_threshold)
         self.adaptive = adaptive
-        self.sam_every = _check_sam_every(sam_every)
+        self.sam_every = sam_optim._check_sam_every(sam_every)
 
     def make_wrapper(self, base: Optimizer, pl_module: pl.LightningModule) -> Optimizer:
         tail = tail_classes_of(getattr(pl_module, "class_counts", None), self.tail_threshold, type(self).__name__)
@@ -413,14 +415,14 @@ class SSESAM(_SAMFamily):
         sam_every: int = 1,
     ) -> None:
         super().__init__()
-        self.rho_head = sam_optim._check_rho("rho_head", rho_head)
-        self.rho_tail = sam_optim._check_rho("rho_tail", rho_tail)
+        self.rho_head = check_rho("rho_head", rho_head)
+        self.rho_tail = check_rho("rho_tail", rho_tail)
         self.tail_threshold = _check_threshold(tail_threshold)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma:
             raise ValueError(f"Expected `gamma` (fraction of training in stage 1) to be >= 0, got {gamma!r}")
         self.gamma = float(gamma)
         self.adaptive = adaptive
-        self.sam_every = _check_sam_every(sam_every)
+        self.sam_every = sam_optim._check_sam_every(sam_every)
 
     def switch_epoch(self, trainer: pl.Trainer) -> int:
         """First epoch of stage 2."""
@@ -448,7 +450,7 @@ class SSESAM(_SAMFamily):
         return "1 (head and tail perturbed)" if stage == 1 else "2 (ImbSAM: tail perturbed only)"
 
 
-class OptimizerStages(StageCallback):
+class OptimizerStages(_AdapterCallback):
     """Switch the optimizer wrapper by epoch: ``{first_epoch: wrapper or None}``.
 
     ``None`` trains with the module's own (base) optimizer; a wrapper is a factory called with the base
@@ -478,11 +480,10 @@ class OptimizerStages(StageCallback):
             if factory is not None and not callable(factory):
                 raise ValueError(f"Expected stages[{epoch}] to be an optimizer wrapper factory or None, got {factory!r}")
         self.stages = dict(sorted(stages.items()))
-        self.adapter = SAMAdapter(type(self).__name__)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and any(f is not None for f in self.stages.values()):
-            self.adapter.check_trainer(trainer, pl_module)
+        if any(f is not None for f in self.stages.values()):
+            super().setup(trainer, pl_module, stage)
 
     def stage_at(self, epoch: int, trainer: pl.Trainer) -> Hashable:
         started = [first for first in self.stages if first <= epoch]
@@ -493,19 +494,8 @@ class OptimizerStages(StageCallback):
         if factory is None:
             self.adapter.uninstall(trainer)
             return
-        self.adapter.install(trainer, pl_module, factory)
-        self.adapter.patch_training_step(pl_module)
+        self.install(trainer, pl_module, factory)
 
     def describe_stage(self, stage: Hashable) -> str:
         factory = self.stages.get(int(stage))  # type: ignore[arg-type]
         return f"from epoch {stage}: {'base optimizer' if factory is None else factory}"
-
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.adapter.uninstall(trainer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), **self.adapter.state_dict()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self.adapter.load_state_dict(state_dict)

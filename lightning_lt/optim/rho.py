@@ -9,7 +9,7 @@ from collections.abc import Sequence
 __all__ = ["ConstantRho", "LinearRho", "RhoSchedule", "StepRho"]
 
 
-def _check(name: str, value: float) -> float:
+def check_rho(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"Expected `{name}` to be a finite number >= 0, got {value!r}")
     return float(value)
@@ -31,7 +31,7 @@ class ConstantRho(RhoSchedule):
     """
 
     def __init__(self, rho: float = 0.05) -> None:
-        self.rho = _check("rho", rho)
+        self.rho = check_rho("rho", rho)
 
     def __call__(self, epoch: int) -> float:
         return self.rho
@@ -47,7 +47,7 @@ class StepRho(RhoSchedule):
     """
 
     def __init__(self, values: Sequence[float], milestones: Sequence[int]) -> None:
-        self.values = [_check(f"values[{i}]", v) for i, v in enumerate(values)]
+        self.values = [check_rho(f"values[{i}]", v) for i, v in enumerate(values)]
         self.milestones = [int(m) for m in milestones]
         if len(self.values) != len(self.milestones) + 1:
             raise ValueError(
@@ -71,8 +71,8 @@ class LinearRho(RhoSchedule):
     """
 
     def __init__(self, start: float, end: float, epochs: int) -> None:
-        self.start = _check("start", start)
-        self.end = _check("end", end)
+        self.start = check_rho("start", start)
+        self.end = check_rho("end", end)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"Expected `epochs` to be an integer >= 1, got {epochs!r}")
         self.epochs = epochs

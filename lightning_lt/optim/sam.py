@@ -34,7 +34,6 @@ Under Lightning, use the callbacks in :mod:`lightning_lt.callbacks.sam`, which d
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Optional
@@ -42,6 +41,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
+
+from lightning_lt.optim.rho import check_rho
 
 __all__ = ["GroupSAM", "ImbSAM", "SAM", "SSESAM", "preserve_batchnorm_stats", "tail_mask"]
 
@@ -78,10 +79,10 @@ def tail_mask(target: Tensor, tail_classes: Tensor) -> Tensor:
     return torch.isin(target, tail_classes.to(target.device))
 
 
-def _check_rho(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"Expected `{name}` to be a finite number >= 0, got {value!r}")
-    return float(value)
+def _check_sam_every(sam_every: int) -> int:
+    if isinstance(sam_every, bool) or not isinstance(sam_every, int) or sam_every < 1:
+        raise ValueError(f"Expected `sam_every` to be an integer >= 1, got {sam_every!r}")
+    return sam_every
 
 
 class GroupSAM(Optimizer):
@@ -115,12 +116,10 @@ class GroupSAM(Optimizer):
             raise ValueError(
                 f"`base_optimizer` is already a {type(base_optimizer).__name__}; wrap its `base_optimizer` instead"
             )
-        if isinstance(sam_every, bool) or not isinstance(sam_every, int) or sam_every < 1:
-            raise ValueError(f"Expected `sam_every` to be an integer >= 1, got {sam_every!r}")
         self.base_optimizer = base_optimizer
         self.rhos = list(rhos)
         self.adaptive = adaptive
-        self.sam_every = sam_every
+        self.sam_every = _check_sam_every(sam_every)
         self.model = model
         self.eps = eps
         self.sam_steps = 0  # steps taken through this wrapper (decides which steps are SAM steps)
@@ -141,7 +140,7 @@ class GroupSAM(Optimizer):
 
     @rhos.setter
     def rhos(self, values: Sequence[float]) -> None:
-        values = [_check_rho(f"rhos[{i}]", v) for i, v in enumerate(values)]
+        values = [check_rho(f"rhos[{i}]", v) for i, v in enumerate(values)]
         if not values:
             raise ValueError("Expected at least one rho (one per loss group), got none")
         self._rhos = values
@@ -300,7 +299,7 @@ class SAM(GroupSAM):
         model: Optional[nn.Module] = None,
         eps: float = 1e-12,
     ) -> None:
-        super().__init__(base_optimizer, [_check_rho("rho", rho)], adaptive, sam_every, model, eps)
+        super().__init__(base_optimizer, [check_rho("rho", rho)], adaptive, sam_every, model, eps)
 
     @property
     def rho(self) -> float:
@@ -308,7 +307,7 @@ class SAM(GroupSAM):
 
     @rho.setter
     def rho(self, value: float) -> None:
-        self.rhos = [_check_rho("rho", value)]
+        self.rhos = [check_rho("rho", value)]
 
     def _plain_pass(self, closure: Callable[[], Any]) -> PassFn:
         def run_pass(group: Optional[int], first: bool, sync: bool) -> Optional[Tensor]:
@@ -396,7 +395,7 @@ class ImbSAM(_HeadTailSAM):
         model: Optional[nn.Module] = None,
         eps: float = 1e-12,
     ) -> None:
-        super().__init__(base_optimizer, tail_classes, [0.0, _check_rho("rho", rho)], adaptive, sam_every, model, eps)
+        super().__init__(base_optimizer, tail_classes, [0.0, check_rho("rho", rho)], adaptive, sam_every, model, eps)
 
 
 class SSESAM(_HeadTailSAM):
@@ -426,8 +425,8 @@ class SSESAM(_HeadTailSAM):
         model: Optional[nn.Module] = None,
         eps: float = 1e-12,
     ) -> None:
-        self.rho_head = _check_rho("rho_head", rho_head)
-        self.rho_tail = _check_rho("rho_tail", rho_tail)
+        self.rho_head = check_rho("rho_head", rho_head)
+        self.rho_tail = check_rho("rho_tail", rho_tail)
         super().__init__(base_optimizer, tail_classes, [self.rho_head, self.rho_tail], adaptive, sam_every, model, eps)
 
     def set_stage(self, stage: int) -> None:
