@@ -49,8 +49,9 @@ class LightningLTCLI(LightningCLI):
 
 
 def final_metrics_summary(metrics: dict[str, Any], stage: str = "val") -> str:
-    """One line per headline metric logged under ``{stage}/``: overall, balanced, many/medium/few."""
-    names = ("acc", "balanced_acc", "acc_many", "acc_medium", "acc_few")
+    """One line per headline metric logged under ``{stage}/``: overall, balanced, many/medium/few accuracy
+    (classification); mIoU, head/tail mIoU, pixel accuracy (segmentation)."""
+    names = ("acc", "balanced_acc", "acc_many", "acc_medium", "acc_few", "miou", "miou_head", "miou_tail", "pixel_acc")
     rows = []
     for name in names:
         value = metrics.get(f"{stage}/{name}")

@@ -7,6 +7,7 @@ import pytest
 
 from lightning_lt.cli import main
 from tests.datamodules.test_cifar import make_cifar10, make_cifar100
+from tests.datamodules.test_segmentation import make_ade20k, make_cityscapes
 from tests.helpers import REPO_ROOT, shared_data_dir
 
 CONFIGS = sorted((REPO_ROOT / "configs").rglob("*.yaml"))
@@ -21,8 +22,34 @@ def fake_cifar_root(tmp_path_factory) -> str:
     return str(root)
 
 
-def data_overrides(config: Path, fake_cifar_root: str) -> list[str]:
+@pytest.fixture(scope="module")
+def fake_segmentation_roots(tmp_path_factory) -> dict[str, str]:
+    """ADE20K and Cityscapes in their official layouts, random pixels (the real sets are not here)."""
+    ade, city = tmp_path_factory.mktemp("ade20k"), tmp_path_factory.mktemp("cityscapes")
+    make_ade20k(ade)
+    make_cityscapes(city)
+    return {"ADE20K": str(ade), "Cityscapes": str(city)}
+
+
+#: Segmentation configs train a small network on small crops in the smoke test (the configs' own
+#: DeepLabV3-ResNet50 at full crops takes minutes per step on CPU).
+SEGMENTATION_SMOKE = [
+    "--model.init_args.net.init_args.arch=lraspp_mobilenet_v3_large",
+    "--data.init_args.crop_size=[32, 32]",
+    "--data.init_args.eval_size=[32, 32]",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.eval_batch_size=2",
+    "--data.init_args.num_workers=0",
+]
+
+
+def data_overrides(config: Path, fake_cifar_root: str, segmentation_roots: dict[str, str]) -> list[str]:
     text = config.read_text()
+    if "lightning_lt.datamodules.CamVid" in text:
+        return [f"--data.init_args.root={shared_data_dir('camvid')}", *SEGMENTATION_SMOKE]
+    for name, root in segmentation_roots.items():
+        if f"lightning_lt.datamodules.{name}\n" in text:
+            return [f"--data.init_args.root={root}", "--data.init_args.pixel_counts_file=null", *SEGMENTATION_SMOKE]
     if "lightning_lt.datamodules.CIFAR" in text:
         return [f"--data.init_args.root={fake_cifar_root}", "--data.init_args.num_workers=0"]
     if "lightning_lt.datamodules.ImageFolderLT" in text:
@@ -40,10 +67,13 @@ def test_every_config_is_covered():
         for sam in ("sam", "imbsam", "ssesam"):  # the SAM family on CE and on LDAM-DRW
             for base in ("ce", "ldam_drw"):
                 assert f"{dataset}/{sam}_{base}.yaml" in names
+    for dataset in ("camvid", "ade20k", "cityscapes"):  # AUCSeg: CE, CE + pixel AUC, CE + AUC + memory bank
+        for method in ("ce", "ce_auc", "ce_auc_tmb"):
+            assert f"{dataset}/{method}.yaml" in names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
-def test_config_fast_dev_run(config, fake_cifar_root, tmp_path, monkeypatch):
+def test_config_fast_dev_run(config, fake_cifar_root, fake_segmentation_roots, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-lt"])
     monkeypatch.chdir(REPO_ROOT)  # relative data paths in configs are relative to the repository root
     main([
@@ -53,5 +83,5 @@ def test_config_fast_dev_run(config, fake_cifar_root, tmp_path, monkeypatch):
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
-        *data_overrides(config, fake_cifar_root),
+        *data_overrides(config, fake_cifar_root, fake_segmentation_roots),
     ])

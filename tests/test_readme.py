@@ -45,3 +45,10 @@ def test_readme_mentions_every_config(name):
         rel = str(config.relative_to(REPO_ROOT / "configs"))
         short = rel.replace("cifar10_lt/", "cifar{10,100}_lt/").replace("cifar100_lt/", "cifar{10,100}_lt/")
         assert rel in text or short in text, f"README does not list configs/{rel}"
+
+
+def test_segmentation_example_runs(capsys):
+    (code,) = [block for block in python_blocks() if "TailMemoryBank(tail_classes=[3, 4]" in block]
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "class-4 pixels pasted into image 1: 36" in out

@@ -1,7 +1,8 @@
 """Lightning callbacks for long-tailed training."""
 
 from lightning_lt.callbacks.drw import DeferredReweighting
+from lightning_lt.callbacks.memory_bank import TailMemoryBank
 from lightning_lt.callbacks.sam import SAM, SSESAM, ImbSAM, OptimizerStages, SAMAdapter
 from lightning_lt.callbacks.stages import StageCallback
 
-__all__ = ["SAM", "SSESAM", "DeferredReweighting", "ImbSAM", "OptimizerStages", "SAMAdapter", "StageCallback"]
+__all__ = ["SAM", "SSESAM", "DeferredReweighting", "ImbSAM", "OptimizerStages", "SAMAdapter", "StageCallback", "TailMemoryBank"]

@@ -7,15 +7,21 @@ from lightning_lt.datamodules.folder import ImageFolderLT
 from lightning_lt.datamodules.list_file import ListFileDataModule
 from lightning_lt.datamodules.profiles import imbalance_counts, long_tailed_indices
 from lightning_lt.datamodules.samplers import ResampledSampler
+from lightning_lt.datamodules.segmentation import ADE20K, CamVid, Cityscapes, SegmentationDataModule, SegmentationDataset
 
 __all__ = [
+    "ADE20K",
     "CIFAR10LT",
     "CIFAR100LT",
+    "CamVid",
+    "Cityscapes",
     "DigitsLT",
     "ImageFolderLT",
     "ListFileDataModule",
     "LongTailDataModule",
     "ResampledSampler",
+    "SegmentationDataModule",
+    "SegmentationDataset",
     "imbalance_counts",
     "long_tailed_indices",
 ]

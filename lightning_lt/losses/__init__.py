@@ -1,8 +1,8 @@
 """Losses for long-tailed classification: ``nn.Module``s whose class priors/weights are buffers.
 
-Every loss takes ``class_counts`` as its first argument and reduces with optional per-class
+The classification losses take ``class_counts`` as their first argument and reduce with optional per-class
 weights like ``F.cross_entropy(weight=...)``; functional forms live in
-:mod:`lightning_lt.losses.functional`.
+:mod:`lightning_lt.losses.functional`. :class:`PixelAUCLoss` (AUCSeg) is the segmentation loss added to CE.
 """
 
 from lightning_lt.losses import functional
@@ -12,6 +12,7 @@ from lightning_lt.losses.cross_entropy import CrossEntropyLoss
 from lightning_lt.losses.focal import FocalLoss
 from lightning_lt.losses.ldam import LDAMLoss
 from lightning_lt.losses.logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
+from lightning_lt.losses.pixel_auc import PixelAUCLoss
 
 __all__ = [
     "BalancedSoftmaxLoss",
@@ -21,6 +22,7 @@ __all__ = [
     "LDAMLoss",
     "LogitAdjustedLoss",
     "LongTailLoss",
+    "PixelAUCLoss",
     "class_balanced_weights",
     "functional",
 ]

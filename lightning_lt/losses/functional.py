@@ -14,6 +14,7 @@ from lightning_lt.losses.cross_entropy import cross_entropy
 from lightning_lt.losses.focal import focal_loss
 from lightning_lt.losses.ldam import ldam_loss, ldam_margins
 from lightning_lt.losses.logit_adjusted import balanced_softmax_loss, logit_adjusted_cross_entropy
+from lightning_lt.losses.pixel_auc import pixel_auc_loss
 
 __all__ = [
     "balanced_softmax_loss",
@@ -24,5 +25,6 @@ __all__ = [
     "ldam_loss",
     "ldam_margins",
     "logit_adjusted_cross_entropy",
+    "pixel_auc_loss",
     "weighted_reduce",
 ]

@@ -12,6 +12,7 @@ from lightning_lt.nets.cifar_resnet import (
 )
 from lightning_lt.nets.heads import CosineClassifier, build_head
 from lightning_lt.nets.mlp import MLP
+from lightning_lt.nets.segmentation import TorchvisionSegmentation, available_segmentation_archs
 from lightning_lt.nets.torchvision_nets import TorchvisionBackbone, available_archs
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "CosineClassifier",
     "OptionAShortcut",
     "TorchvisionBackbone",
+    "TorchvisionSegmentation",
     "available_archs",
+    "available_segmentation_archs",
     "build_head",
     "resnet20",
     "resnet32",

@@ -1,5 +1,6 @@
 """Task modules: one LightningModule per task family."""
 
 from lightning_lt.tasks.classification import LongTailClassifier
+from lightning_lt.tasks.segmentation import SegmentationModule
 
-__all__ = ["LongTailClassifier"]
+__all__ = ["LongTailClassifier", "SegmentationModule"]

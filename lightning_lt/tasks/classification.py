@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
 
 import torch
-from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lightning_lt.losses import CrossEntropyLoss, LongTailLoss
 from lightning_lt.metrics import LongTailAccuracy, shot_groups
 from lightning_lt.nets import build_head
+from lightning_lt.tasks.base import TaskModule, check_class_info, safe_metric_key
 from lightning_lt.tasks.plotting import log_figure, per_class_accuracy_figure
 
 #: A loss is given as a factory called with the training class counts, e.g. the class
@@ -28,7 +27,7 @@ def default_optimizer(params: Any) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=2e-4)
 
 
-class LongTailClassifier(LightningModule):
+class LongTailClassifier(TaskModule):
     """Image classification for long-tailed data: a backbone, a classifier head and a long-tail loss.
 
     Logs ``{stage}/acc`` (overall top-1), ``{stage}/balanced_acc`` (mean per-class accuracy),
@@ -78,37 +77,16 @@ class LongTailClassifier(LightningModule):
         plot_per_class: bool = True,
     ) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"Expected `num_classes` >= 2, got {num_classes}")
-        if class_counts is not None:
-            class_counts = [int(c) for c in class_counts]
-            if len(class_counts) != num_classes:
-                raise ValueError(
-                    f"`class_counts` has {len(class_counts)} entries but `num_classes` is {num_classes}. "
-                    "HINT: let the data module provide both (the `lightning-lt` CLI links them), or pass "
-                    "one count per class."
-                )
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(
-                f"`class_names` has {len(class_names)} entries but `num_classes` is {num_classes}."
-            )
+        class_counts, names = check_class_info(num_classes, class_counts, class_names)
         if posthoc_tau is not None and class_counts is None:
             raise ValueError(
                 f"`posthoc_tau={posthoc_tau}` needs `class_counts` for the class prior. HINT: use the "
                 "`lightning-lt` CLI (it links them from the data module) or pass `class_counts`."
             )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
-            self.save_hyperparameters()
-        # Under LightningCLI the hyper-parameters are the config (class_path/init_args dicts), so a
-        # checkpoint can rebuild the model. In plain Python use, objects are not config: drop them
-        # (weights are in the state dict).
-        for key in ("backbone", "loss", "optimizer", "lr_scheduler"):
-            if not isinstance(self.hparams.get(key), (dict, str, type(None))):
-                self.hparams.pop(key)
+        self.save_config_hyperparameters(("backbone", "loss", "optimizer", "lr_scheduler"))
         self.num_classes = num_classes
         self.class_counts = class_counts
-        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(num_classes)]
+        self.class_names = names
         self.backbone = backbone
         self.head = self._build_head(backbone, head, num_classes)
         self.loss = loss(class_counts)
@@ -222,26 +200,11 @@ class LongTailClassifier(LightningModule):
         self.log_dict({f"{stage}/{k}": values[k] for k in keys}, sync_dist=True)
         if self.log_per_class:
             self.log_dict(
-                {f"{stage}/class_acc/{_safe_key(name)}": per_class[i] for i, name in enumerate(self.class_names)},
+                {f"{stage}/class_acc/{safe_metric_key(name)}": per_class[i] for i, name in enumerate(self.class_names)},
                 sync_dist=True,
             )
         metric.reset()
         return per_class
-
-    # ------------------------------------------------------------------------------------ optimizers
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval},
-        }
-
-
-def _safe_key(name: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_.-]+", "_", name) or "class"
 
 
 def shot_group_sizes(class_counts: Sequence[int], many_threshold: int = 100, few_threshold: int = 20) -> dict[str, int]:

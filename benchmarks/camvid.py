@@ -1,0 +1,184 @@
+"""AUCSeg on real CamVid, reduced resolution, CPU: CE vs CE + pixel AUC vs CE + AUC + Tail Memory Bank.
+
+One schedule for the three rows: LR-ASPP MobileNetV3-Large from scratch (no pretrained weights can be
+downloaded here), CamVid train split (367 images) resized to ``--size`` (default 120 x 160, a third of
+480 x 360) with random scale 0.75-1.5, crop and flip; AdamW with a poly schedule; the final model is
+evaluated on the test split (233 images) at the same size. Rows:
+
+* ``CE``: cross-entropy;
+* ``CE+AUC``: CE + 1.0 * PixelAUCLoss (square surrogate, one-vs-one, gamma 1), AUCSeg's loss;
+* ``CE+AUC+TMB``: the same plus :class:`~lightning_lt.callbacks.TailMemoryBank` (5 entries per tail class,
+  p_sample 1, p_resize 1, AUCSeg's road-scene setting).
+
+Tail classes (head/tail mIoU and the memory bank): Pole, SignSymbol, Fence, Pedestrian, Bicyclist (ids 2,
+6, 7, 9, 10), the five classes with under 1.3% of the training pixels (``pixel_tail_classes(counts, 0.5)``).
+
+Keys: ``miou``, ``miou_head``, ``miou_tail``, ``pixel_acc`` (test split, final epoch) and ``step_s``, the
+median training-step time (``on_train_batch_start`` to ``on_train_batch_end``, memory bank included). The
+memory bank's overhead is reported two ways: ``tmb_overhead`` measured inside the TMB run (time spent in the
+bank / the rest of the step: robust to machine noise) and ``step_ratio_to_ce_auc`` across runs.
+
+    python benchmarks/camvid.py                      # about 25 minutes on 2 CPU cores
+    python benchmarks/camvid.py --epochs 2 --name camvid-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, Trainer, seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, default_shared_data, environment, set_threads, write_results  # noqa: E402
+
+from lightning_lt.callbacks import TailMemoryBank  # noqa: E402
+from lightning_lt.datamodules import CamVid  # noqa: E402
+from lightning_lt.losses import PixelAUCLoss  # noqa: E402
+from lightning_lt.metrics.segmentation import pixel_tail_classes  # noqa: E402
+from lightning_lt.nets import TorchvisionSegmentation  # noqa: E402
+from lightning_lt.tasks import SegmentationModule  # noqa: E402
+
+METHODS = ("CE", "CE+AUC", "CE+AUC+TMB")
+COLUMNS = ("miou", "miou_head", "miou_tail", "pixel_acc", "step_s", "tmb_overhead", "step_ratio_to_ce_auc", "train_minutes")
+TAIL_SHARE = 0.5
+
+
+class StepTimer(Callback):
+    """Wall time of every training step, from ``on_train_batch_start`` to ``on_train_batch_end``.
+
+    Put it first in the callback list, so that the other callbacks' batch-start work (the memory bank) is
+    inside the measured interval."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.current_epoch > 0:  # the first epoch warms up (allocator, lazy initialisation)
+            self.times.append(time.perf_counter() - self._start)
+
+
+class TimedBank(TailMemoryBank):
+    """The memory bank, with the time spent in its batch hook recorded."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        start = time.perf_counter()
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if trainer.current_epoch > 0:
+            self.times.append(time.perf_counter() - start)
+
+
+def run(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    seed_everything(args.seed, workers=True)
+    size = tuple(args.size)
+    data = CamVid(
+        args.root, crop_size=size, base_size=size, scale_range=(0.75, 1.5), eval_size=size, val_split="val",
+        batch_size=args.batch_size, num_workers=args.num_workers, seed=args.seed,
+    )
+    tail = pixel_tail_classes(data.class_counts, TAIL_SHARE)
+    steps = args.epochs * -(-len(data.split_samples("train")) // args.batch_size)
+    module = SegmentationModule(
+        lambda num_classes: TorchvisionSegmentation(num_classes, arch=args.arch),
+        num_classes=data.num_classes, class_counts=data.class_counts, class_names=data.class_names,
+        auc_loss=PixelAUCLoss() if "AUC" in method else None, auc_weight=1.0, tail_classes=tail,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=args.lr, weight_decay=0.01),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=steps, power=0.9),
+        log_per_class=False, plot_per_class=False,
+    )
+    timer = StepTimer()
+    callbacks: list[Callback] = [timer]
+    bank = None
+    if method.endswith("TMB"):
+        bank = TimedBank(memory_size=5, p_sample=1.0, p_resize=1.0)
+        callbacks.append(bank)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, max_epochs=args.epochs, callbacks=callbacks, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, check_val_every_n_epoch=max(1, args.epochs), default_root_dir=args.work_dir,
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    minutes = (time.perf_counter() - start) / 60
+    (result,) = trainer.test(module, datamodule=data, verbose=False)
+    row = {
+        "name": method,
+        "miou": result["test/miou"],
+        "miou_head": result["test/miou_head"],
+        "miou_tail": result["test/miou_tail"],
+        "pixel_acc": result["test/pixel_acc"],
+        "step_s": statistics.median(timer.times),
+        "train_minutes": minutes,
+        "steps": len(timer.times),
+    }
+    if bank is not None:
+        bank_s = statistics.mean(bank.times)
+        row["tmb_overhead"] = bank_s / (statistics.mean(timer.times) - bank_s)
+        row["tmb_s"] = bank_s
+        row["tmb_entries"] = sum(bank.num_entries().values())
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", default=default_shared_data("camvid"))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--size", type=int, nargs=2, default=[120, 160], metavar=("H", "W"))
+    parser.add_argument("--arch", default="lraspp_mobilenet_v3_large")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work-dir", default="/tmp/lightning_lt_camvid_bench")
+    parser.add_argument("--name", default="camvid")
+    args = parser.parse_args()
+    if not Path(args.root).exists():
+        parser.error(f"CamVid not found at {args.root}; pass --root (SegNet layout)")
+    set_threads()
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    rows = [run(method, args) for method in args.methods]
+    by_name = {row["name"]: row for row in rows}
+    if "CE+AUC" in by_name and "CE+AUC+TMB" in by_name:
+        by_name["CE+AUC+TMB"]["step_ratio_to_ce_auc"] = by_name["CE+AUC+TMB"]["step_s"] / by_name["CE+AUC"]["step_s"]
+    setup = {
+        "data": "CamVid (SegNet layout), train 367 -> test 233 images",
+        "size": args.size,
+        "arch": f"{args.arch} (random init)",
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": f"AdamW lr {args.lr} wd 0.01, poly 0.9 per step",
+        "augmentation": "random scale 0.75-1.5, crop, hflip",
+        "tail_classes": "Pole, SignSymbol, Fence, Pedestrian, Bicyclist (pixel share < 0.5/11)",
+        "auc": "square surrogate, one-vs-one, gamma 1, lambda 1",
+        "tmb": "memory_size 5, p_sample 1, p_resize 1",
+        "seed": args.seed,
+        **environment(),
+    }
+    notes = [
+        "miou / miou_head / miou_tail / pixel_acc: test split, final epoch. step_s: median training step "
+        "(memory bank included). tmb_overhead: time in the memory bank / rest of the step, measured inside the "
+        "CE+AUC+TMB run; step_ratio_to_ce_auc compares step_s across runs (noisier).",
+    ]
+    print(write_results(args.name, setup, rows, COLUMNS, notes, results_dir=RESULTS_DIR))
+
+
+if __name__ == "__main__":
+    main()

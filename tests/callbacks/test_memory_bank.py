@@ -1,0 +1,340 @@
+"""TailMemoryBank: pasted pixels, replacement, sampling, checkpoint round trip, resume and DDP."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_lt.callbacks import TailMemoryBank
+from lightning_lt.tasks import SegmentationModule
+from tests.helpers import DDP_STRATEGY
+from tests.tasks.seg_toy import IGNORE, NUM_CLASSES, TAIL, ToySegData, TinySegNet, toy_segmentation
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers:UserWarning",
+    "ignore:.*smaller than the logging interval:UserWarning",
+    "ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint:UserWarning",
+    "ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated",
+)
+
+
+def ready_bank(**kwargs) -> TailMemoryBank:
+    kwargs.setdefault("tail_classes", TAIL)
+    kwargs.setdefault("ignore_index", IGNORE)
+    kwargs.setdefault("num_classes", NUM_CLASSES)
+    return TailMemoryBank(**kwargs)
+
+
+def two_image_batch(value: float = 0.7):
+    """Image 0 holds tail class 2 (a 3x4 block with pixel value `value`), image 1 holds no tail class."""
+    images = torch.zeros(2, 3, 12, 12)
+    masks = torch.zeros(2, 12, 12, dtype=torch.long)
+    masks[:, :, 6:] = 1
+    masks[0, 4:7, 3:7] = 2
+    images[0, :, 4:7, 3:7] = value
+    masks[1, 0, 0] = IGNORE
+    return images, masks
+
+
+# ------------------------------------------------------------------------------------- pasting
+
+
+def test_pasted_pixels_carry_the_tail_label_and_the_stored_pixels():
+    bank = ready_bank(tail_classes=[2])
+    images, masks = two_image_batch()
+    original = images[1].clone(), masks[1].clone()
+    bank.update_and_paste(images, masks)
+    pasted = masks[1] == 2
+    assert int(pasted.sum()) == 12  # the 3x4 region, p_resize = 1
+    # every pasted label pixel shows the stored image pixels, and every changed pixel is labelled 2
+    assert torch.all(images[1][:, pasted] == 0.7)
+    changed = (images[1] != original[0]).any(dim=0) | (masks[1] != original[1])
+    assert torch.equal(changed, pasted)
+    rows, cols = pasted.nonzero().unbind(1)
+    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (3, 4)  # pasted as one block
+    # image 0 already has class 2: unchanged
+    assert int((masks[0] == 2).sum()) == 12
+
+
+def test_only_class_pixels_of_the_bounding_box_are_pasted():
+    """An L-shaped region: the crop's bounding box holds non-class pixels, which are not pasted."""
+    bank = ready_bank(tail_classes=[3])
+    images = torch.zeros(2, 3, 10, 10)
+    masks = torch.zeros(2, 10, 10, dtype=torch.long)
+    masks[0, 2:6, 2] = 3
+    masks[0, 5, 2:6] = 3
+    images[0][:, masks[0] == 3] = 0.5
+    images[0, :, 2:5, 3:6] = -1.0  # inside the bounding box but not class 3
+    bank.update_and_paste(images, masks)
+    pasted = masks[1] == 3
+    assert int(pasted.sum()) == 7
+    assert torch.all(images[1][:, pasted] == 0.5)
+    assert not (images[1] == -1.0).any()
+
+
+@pytest.mark.parametrize("p_resize", [0.5, 2.0])
+def test_resized_entries_keep_labels_consistent(p_resize):
+    bank = ready_bank(tail_classes=[2], p_resize=p_resize)
+    images, masks = two_image_batch()
+    bank.update_and_paste(images, masks)
+    pasted = masks[1] == 2
+    expected = (max(1, int(3 * p_resize)), max(1, int(4 * p_resize)))
+    rows, cols = pasted.nonzero().unbind(1)
+    assert (int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)) == expected
+    torch.testing.assert_close(images[1][:, pasted], torch.full((3, int(pasted.sum())), 0.7))
+
+
+def test_entry_larger_than_the_image_is_cropped_to_it():
+    bank = ready_bank(tail_classes=[2], p_resize=4.0)
+    images, masks = two_image_batch()
+    bank.update_and_paste(images, masks)
+    assert int((masks[1] == 2).sum()) == 12 * 12 - 0  # 12x16 entry covers the whole 12x12 image
+    assert masks[1].shape == (12, 12)
+
+
+def test_p_sample_pastes_ceil_of_the_absent_fraction():
+    tail = [4, 5, 6, 7, 8]
+    bank = ready_bank(tail_classes=tail, p_sample=0.5, num_classes=10)
+    images = torch.zeros(2, 3, 20, 20)
+    masks = torch.zeros(2, 20, 20, dtype=torch.long)
+    for k, c in enumerate(tail):  # image 0 holds every tail class in its own 2x2 square
+        masks[0, 2 * k : 2 * k + 2, 0:2] = c
+    bank.update_and_paste(images, masks)
+    pasted_classes = set(masks[1].unique().tolist()) - {0}
+    assert len(pasted_classes) == math.ceil(0.5 * len(tail)) == 3
+    assert pasted_classes <= set(tail)
+
+
+def test_non_tail_and_ignored_pixels_never_enter_the_bank():
+    bank = ready_bank(tail_classes=[2, 3])
+    images, masks = toy_segmentation(8)
+    bank.update_and_paste(images, masks)
+    assert set(bank.entries) == {2, 3}
+    for c, slots in bank.entries.items():
+        for crop, region in slots:
+            assert region.any() and crop.shape[-2:] == region.shape
+            # channel 0 encodes the label: the stored class pixels are exactly class c
+            torch.testing.assert_close(crop[0][region], torch.full((int(region.sum()),), 0.25 * c))
+
+
+def test_random_replacement_keeps_memory_size_entries():
+    bank = ready_bank(tail_classes=[2], memory_size=3)
+    seen = []
+    for step in range(12):
+        images, masks = two_image_batch(value=float(step + 1))
+        bank.update_and_paste(images, masks)
+        seen.append(float(step + 1))
+        values = [float(crop.flatten()[0]) for crop, _ in bank.entries[2]]
+        assert len(values) == min(step + 1, 3)
+        assert set(values) <= set(seen)
+        if step < 3:
+            assert values == seen  # appended in order until full
+    assert values != [1.0, 2.0, 3.0]  # full slots were replaced at random
+    assert bank.batches_seen == 12
+
+
+def test_same_seed_same_decisions():
+    def run(seed):
+        bank = ready_bank(memory_size=2, seed=seed)
+        images, masks = toy_segmentation(12)
+        for chunk in range(3):
+            bank.update_and_paste(images[4 * chunk : 4 * chunk + 4], masks[4 * chunk : 4 * chunk + 4])
+        return masks
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+# ------------------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"tail_classes": []}, "`tail_classes` is empty"),
+        ({"memory_size": 0}, "memory_size"),
+        ({"p_sample": 0.0}, "p_sample"),
+        ({"p_sample": 1.5}, "p_sample"),
+        ({"p_resize": 0.0}, "p_resize"),
+        ({"tail_share": 0.0}, "tail_share"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TailMemoryBank(**kwargs)
+
+
+def test_tail_class_out_of_range_is_reported_at_setup(tmp_path):
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES)
+    trainer = make_trainer(tmp_path, [TailMemoryBank(tail_classes=[2, 7])], max_epochs=1)
+    with pytest.raises(ValueError, match="7"):
+        trainer.fit(module, datamodule=ToySegData())
+
+
+def test_ignore_index_cannot_be_a_tail_class(tmp_path):
+    bank = TailMemoryBank(tail_classes=[1], ignore_index=1)
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="ignore index 1"):
+        make_trainer(tmp_path, [bank], max_epochs=1).fit(module, datamodule=ToySegData())
+
+
+def test_unset_bank_and_num_classes_conflict(tmp_path):
+    with pytest.raises(RuntimeError, match="not set up"):
+        TailMemoryBank(tail_classes=[2]).update_and_paste(*two_image_batch())
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="num_classes=6"):
+        make_trainer(tmp_path, [TailMemoryBank(num_classes=6)], max_epochs=1).fit(module, datamodule=ToySegData())
+
+
+def test_bad_batch_is_rejected():
+    bank = ready_bank()
+    with pytest.raises(TypeError, match="segmentation batch"):
+        bank.on_train_batch_start(None, None, torch.zeros(2, 3, 4, 4), 0)
+    with pytest.raises(ValueError, match="same size"):
+        bank.update_and_paste(torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 4, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------- with a Trainer
+
+
+def make_trainer(tmp_path, callbacks, max_epochs=2, **kwargs) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=kwargs.pop("devices", 1),
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        **kwargs,
+    )
+
+
+def test_tail_classes_resolved_from_pixel_counts_and_shared_with_the_metric(tmp_path):
+    data = ToySegData()
+    bank = TailMemoryBank(tail_share=0.5)
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES)  # no counts: the bank decides
+    make_trainer(tmp_path, [bank], max_epochs=1, limit_val_batches=1).fit(module, datamodule=data)
+    counts = torch.tensor(data.class_counts, dtype=torch.float)
+    expected = [c for c in range(NUM_CLASSES) if counts[c] / counts.sum() < 0.5 / NUM_CLASSES]
+    assert bank.tail_classes == expected == TAIL
+    assert module.tail_classes == TAIL
+    assert module.val_metric.tail_classes == TAIL
+    assert bank.ignore_index == IGNORE  # taken from the data module
+    assert sum(bank.num_entries().values()) > 0
+
+
+def test_module_tail_list_flows_into_the_bank_and_conflicts_are_errors(tmp_path):
+    bank = TailMemoryBank()
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES, tail_classes=[3])
+    make_trainer(tmp_path, [bank], max_epochs=1, limit_train_batches=1, limit_val_batches=0).fit(
+        module, datamodule=ToySegData()
+    )
+    assert bank.tail_classes == [3]
+    conflicting = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES, tail_classes=[3])
+    with pytest.raises(ValueError, match="differs from the TailMemoryBank"):
+        make_trainer(tmp_path, [TailMemoryBank(tail_classes=[2, 3])], max_epochs=1).fit(
+            conflicting, datamodule=ToySegData()
+        )
+
+
+def bank_signature(bank: TailMemoryBank) -> dict:
+    """Entries as plain numbers: (source image index from channel 1, class pixels, crop shape)."""
+    return {
+        str(c): [[round(float(crop[1, 0, 0]) * 16), int(region.sum()), list(region.shape)] for crop, region in slots]
+        for c, slots in sorted(bank.entries.items())
+    }
+
+
+def test_entries_survive_a_checkpoint_round_trip(tmp_path):
+    bank = TailMemoryBank(tail_classes=TAIL, memory_size=3)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES)
+    make_trainer(tmp_path, [bank, checkpoint], max_epochs=2, limit_val_batches=0).fit(module, datamodule=ToySegData())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # plain tensors and lists
+    state = saved["callbacks"][bank.state_key]
+    restored = TailMemoryBank(tail_classes=TAIL, memory_size=3, num_classes=NUM_CLASSES)
+    restored.load_state_dict(state)
+    assert restored.batches_seen == bank.batches_seen == 8
+    assert restored.num_entries() == bank.num_entries() == {2: 3, 3: 3}
+    for c in TAIL:
+        for (crop, region), (crop2, region2) in zip(bank.entries[c], restored.entries[c]):
+            assert torch.equal(crop, crop2) and torch.equal(region, region2)
+
+
+def test_resume_continues_with_the_same_bank(tmp_path):
+    """Stop after epoch 1, resume to epoch 3: the same bank and the same weights as an uninterrupted run."""
+
+    def fit(root, max_epochs, ckpt_path=None, checkpoint=None):
+        seed_everything(0)
+        bank = TailMemoryBank(tail_classes=TAIL, memory_size=2, seed=3)
+        module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+        callbacks = [bank] + ([checkpoint] if checkpoint else [])
+        make_trainer(root, callbacks, max_epochs=max_epochs, limit_val_batches=0).fit(
+            module, datamodule=ToySegData(), ckpt_path=ckpt_path
+        )
+        return bank, module
+
+    full_bank, full_module = fit(tmp_path / "full", 4)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "first", 2, checkpoint=checkpoint)
+    resumed_bank, resumed_module = fit(tmp_path / "second", 4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert resumed_bank.batches_seen == full_bank.batches_seen == 16
+    assert bank_signature(resumed_bank) == bank_signature(full_bank)
+    for (crop, region), (crop2, region2) in zip(full_bank.entries[2], resumed_bank.entries[2]):
+        assert torch.equal(crop, crop2) and torch.equal(region, region2)
+    for p, q in zip(full_module.parameters(), resumed_module.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+class RecordingBank(TailMemoryBank):
+    """Writes each rank's bank signature at the end of training."""
+
+    def __init__(self, out_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        Path(self.out_dir, f"rank{trainer.global_rank}.json").write_text(json.dumps(bank_signature(self)))
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_share_one_bank_built_from_the_whole_stream(tmp_path):
+    """2 CPU processes: both ranks end with the identical bank, holding entries of both ranks' shards, and it
+    equals the bank of one process that saw the same images (memory large enough to keep everything)."""
+    kwargs = {"tail_classes": TAIL, "memory_size": 64}
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES)
+    trainer = make_trainer(
+        tmp_path, [RecordingBank(str(tmp_path), **kwargs)], max_epochs=1, limit_val_batches=0,
+        devices=2, strategy=DDP_STRATEGY,
+    )
+    trainer.fit(module, datamodule=ToySegData(batch_size=2))
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "rank1.json").read_text())
+    assert rank0 == rank1
+    sources = {entry[0] for slots in rank0.values() for entry in slots}
+    assert any(s % 2 == 0 for s in sources) and any(s % 2 == 1 for s in sources)  # both shards (interleaved)
+
+    single = ready_bank(**kwargs)
+    images, masks = toy_segmentation(16)
+    single.update_and_paste(images, masks)
+    expected = {c: sorted(map(tuple, map(lambda e: (e[0], e[1], tuple(e[2])), v))) for c, v in bank_signature(single).items()}
+    got = {c: sorted((e[0], e[1], tuple(e[2])) for e in v) for c, v in rank0.items()}
+    assert got == expected
+
+
+def test_docstring_example():
+    import doctest
+
+    from lightning_lt.callbacks import memory_bank
+
+    assert doctest.testmod(memory_bank, raise_on_error=True).attempted > 0
