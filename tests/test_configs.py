@@ -7,6 +7,7 @@ import pytest
 
 from lightning_lt.cli import main
 from tests.datamodules.test_cifar import make_cifar10, make_cifar100
+from tests.datamodules.test_multilabel import VOC_OBJECTS, VOC_SETS, make_voc
 from tests.datamodules.test_segmentation import make_ade20k, make_cityscapes
 from tests.helpers import REPO_ROOT, shared_data_dir
 
@@ -23,12 +24,14 @@ def fake_cifar_root(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def fake_segmentation_roots(tmp_path_factory) -> dict[str, str]:
-    """ADE20K and Cityscapes in their official layouts, random pixels (the real sets are not here)."""
+def fake_data_roots(tmp_path_factory) -> dict[str, str]:
+    """ADE20K, Cityscapes and PASCAL VOC (multi-label) in their official layouts, random pixels
+    (the real sets are not here)."""
     ade, city = tmp_path_factory.mktemp("ade20k"), tmp_path_factory.mktemp("cityscapes")
     make_ade20k(ade)
     make_cityscapes(city)
-    return {"ADE20K": str(ade), "Cityscapes": str(city)}
+    voc = make_voc(tmp_path_factory.mktemp("voc") / "VOCdevkit", VOC_OBJECTS, VOC_SETS)
+    return {"ADE20K": str(ade), "Cityscapes": str(city), "VOCMultiLabel": str(voc)}
 
 
 #: Segmentation configs train a small network on small crops in the smoke test (the configs' own
@@ -43,11 +46,18 @@ SEGMENTATION_SMOKE = [
 ]
 
 
-def data_overrides(config: Path, fake_cifar_root: str, segmentation_roots: dict[str, str]) -> list[str]:
+def data_overrides(config: Path, fake_cifar_root: str, data_roots: dict[str, str]) -> list[str]:
     text = config.read_text()
+    if "lightning_lt.tasks.MultiLabelOODModule" in text:
+        root = shared_data_dir("coco128") if "COCOMultiLabel" in text else data_roots["VOCMultiLabel"]
+        return [
+            f"--data.init_args.root={root}", f"--data.init_args.ood_root={shared_data_dir('dtd10')}",
+            "--model.init_args.backbone.init_args.arch=resnet18", "--data.init_args.image_size=32",
+            "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
+        ]
     if "lightning_lt.datamodules.CamVid" in text:
         return [f"--data.init_args.root={shared_data_dir('camvid')}", *SEGMENTATION_SMOKE]
-    for name, root in segmentation_roots.items():
+    for name, root in data_roots.items():
         if f"lightning_lt.datamodules.{name}\n" in text:
             return [f"--data.init_args.root={root}", "--data.init_args.pixel_counts_file=null", *SEGMENTATION_SMOKE]
     if "lightning_lt.datamodules.CIFAR" in text:
@@ -70,10 +80,13 @@ def test_every_config_is_covered():
     for dataset in ("camvid", "ade20k", "cityscapes"):  # AUCSeg: CE, CE + pixel AUC, CE + AUC + memory bank
         for method in ("ce", "ce_auc", "ce_auc_tmb"):
             assert f"{dataset}/{method}.yaml" in names
+    for dataset in ("coco_ood", "voc_ood"):  # multi-label OOD: BCE vs unknown-aware training
+        for method in ("bce", "edge"):
+            assert f"{dataset}/{method}.yaml" in names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
-def test_config_fast_dev_run(config, fake_cifar_root, fake_segmentation_roots, tmp_path, monkeypatch):
+def test_config_fast_dev_run(config, fake_cifar_root, fake_data_roots, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-lt"])
     monkeypatch.chdir(REPO_ROOT)  # relative data paths in configs are relative to the repository root
     main([
@@ -83,5 +96,5 @@ def test_config_fast_dev_run(config, fake_cifar_root, fake_segmentation_roots, t
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}",
-        *data_overrides(config, fake_cifar_root, fake_segmentation_roots),
+        *data_overrides(config, fake_cifar_root, fake_data_roots),
     ])

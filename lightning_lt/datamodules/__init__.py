@@ -5,6 +5,14 @@ from lightning_lt.datamodules.cifar import CIFAR10LT, CIFAR100LT
 from lightning_lt.datamodules.digits import DigitsLT
 from lightning_lt.datamodules.folder import ImageFolderLT
 from lightning_lt.datamodules.list_file import ListFileDataModule
+from lightning_lt.datamodules.multilabel import (
+    COCOMultiLabel,
+    MultiLabelDataset,
+    MultiLabelOODDataModule,
+    OODEvalDataset,
+    OODImageFolder,
+    VOCMultiLabel,
+)
 from lightning_lt.datamodules.profiles import imbalance_counts, long_tailed_indices
 from lightning_lt.datamodules.samplers import ResampledSampler
 from lightning_lt.datamodules.segmentation import ADE20K, CamVid, Cityscapes, SegmentationDataModule, SegmentationDataset
@@ -13,15 +21,21 @@ __all__ = [
     "ADE20K",
     "CIFAR10LT",
     "CIFAR100LT",
+    "COCOMultiLabel",
     "CamVid",
     "Cityscapes",
     "DigitsLT",
     "ImageFolderLT",
     "ListFileDataModule",
     "LongTailDataModule",
+    "MultiLabelDataset",
+    "MultiLabelOODDataModule",
+    "OODEvalDataset",
+    "OODImageFolder",
     "ResampledSampler",
     "SegmentationDataModule",
     "SegmentationDataset",
+    "VOCMultiLabel",
     "imbalance_counts",
     "long_tailed_indices",
 ]

@@ -2,7 +2,8 @@
 
 The classification losses take ``class_counts`` as their first argument and reduce with optional per-class
 weights like ``F.cross_entropy(weight=...)``; functional forms live in
-:mod:`lightning_lt.losses.functional`. :class:`PixelAUCLoss` (AUCSeg) is the segmentation loss added to CE.
+:mod:`lightning_lt.losses.functional`. :class:`PixelAUCLoss` (AUCSeg) is the segmentation loss added to CE;
+:mod:`lightning_lt.losses.multilabel` has the multi-label ones (asymmetric loss, outlier exposure, energy gap).
 """
 
 from lightning_lt.losses import functional
@@ -12,9 +13,11 @@ from lightning_lt.losses.cross_entropy import CrossEntropyLoss
 from lightning_lt.losses.focal import FocalLoss
 from lightning_lt.losses.ldam import LDAMLoss
 from lightning_lt.losses.logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
+from lightning_lt.losses.multilabel import AsymmetricLoss
 from lightning_lt.losses.pixel_auc import PixelAUCLoss
 
 __all__ = [
+    "AsymmetricLoss",
     "BalancedSoftmaxLoss",
     "ClassBalancedLoss",
     "CrossEntropyLoss",

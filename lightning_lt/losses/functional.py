@@ -14,9 +14,14 @@ from lightning_lt.losses.cross_entropy import cross_entropy
 from lightning_lt.losses.focal import focal_loss
 from lightning_lt.losses.ldam import ldam_loss, ldam_margins
 from lightning_lt.losses.logit_adjusted import balanced_softmax_loss, logit_adjusted_cross_entropy
+from lightning_lt.losses.multilabel import asymmetric_loss, energy_gap_loss, joint_energy, outlier_confidence_loss
 from lightning_lt.losses.pixel_auc import pixel_auc_loss
 
 __all__ = [
+    "asymmetric_loss",
+    "energy_gap_loss",
+    "joint_energy",
+    "outlier_confidence_loss",
     "balanced_softmax_loss",
     "class_balanced_loss",
     "class_balanced_weights",

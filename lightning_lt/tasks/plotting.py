@@ -132,6 +132,62 @@ def per_class_iou_figure(
     return figure
 
 
+def ood_score_histogram_figure(
+    id_scores: Sequence[float],
+    ood_scores: Sequence[float],
+    score_name: str,
+    title: Optional[str] = None,
+) -> Figure:
+    """Overlaid histograms of an OOD score on in-distribution (ID) and OOD inputs.
+
+    Both histograms share the same bins over the pooled range of the scores (between 10 and 60 bins, about the
+    square root of the number of scores) and are normalised to unit area (``density=True``), so an ID set and an
+    OOD set of different sizes compare directly. The less they overlap, the better the score separates ID from OOD.
+    A side without scores is not drawn and a "no ID samples" / "no OOD samples" note is shown instead; non-finite
+    scores are left out (the note says how many).
+
+    Args:
+        id_scores: the score of every ID input (higher = in-distribution).
+        ood_scores: the score of every OOD input.
+        score_name: the score's name, e.g. ``"jointenergy"``; the x label is ``"<score_name> (higher =
+            in-distribution)"``.
+        title: the axes title; default ``"<score_name>: ID vs OOD"``.
+    """
+    sides = {
+        "ID": np.asarray(id_scores, dtype=float).reshape(-1),
+        "OOD": np.asarray(ood_scores, dtype=float).reshape(-1),
+    }
+    notes = []
+    for label, values in sides.items():
+        finite = np.isfinite(values)
+        if not finite.all():
+            notes.append(f"{int((~finite).sum())} non-finite {label} scores left out")
+            sides[label] = values[finite]
+    notes = [f"no {label} samples" for label, values in sides.items() if not values.size] + notes
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    pooled = np.concatenate(list(sides.values()))
+    if pooled.size:
+        num_bins = int(np.clip(np.sqrt(pooled.size), 10, 60))
+        edges = np.histogram_bin_edges(pooled, bins=num_bins)  # a single value: one unit-wide range around it
+        for (label, values), color in zip(sides.items(), (_HEAD_COLOR, _TAIL_COLOR)):
+            if values.size:
+                ax.hist(values, bins=edges, density=True, alpha=0.5, color=color, label=label, histtype="stepfilled")
+                ax.hist(values, bins=edges, density=True, color=color, histtype="step", lw=1.0)
+    if notes:
+        ax.text(0.02, 0.97, "\n".join(notes), transform=ax.transAxes, ha="left", va="top", fontsize="small",
+                color=_NA_COLOR)
+    ax.set_xlabel(f"{score_name} (higher = in-distribution)")
+    ax.set_ylabel("density")
+    ax.set_title(f"{score_name}: ID vs OOD" if title is None else title)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(loc="upper right", fontsize="small")
+    ax.grid(True, alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
 def figure_to_array(figure: Figure) -> np.ndarray:
     """Render a figure to an ``H x W x 3`` uint8 array."""
     canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)

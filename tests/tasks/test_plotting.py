@@ -6,6 +6,7 @@ from matplotlib.colors import to_hex
 from matplotlib.patches import Rectangle
 
 from lightning_lt.tasks.plotting import figure_to_array, per_class_iou_figure
+from lightning_lt.tasks.plotting import ood_score_histogram_figure
 
 CAMVID_NAMES = [
     "sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "pedestrian", "bicyclist"
@@ -82,3 +83,51 @@ def test_without_tail_classes_and_all_nan():
 def test_invalid_arguments(ious, names, tail, match):
     with pytest.raises(ValueError, match=match):
         per_class_iou_figure(ious, names, tail_classes=tail)
+
+
+def _hist_patches(figure):
+    (ax,) = figure.axes
+    return [p for p in ax.patches if p.get_label() in ("ID", "OOD")]
+
+
+def test_ood_score_histogram_figure():
+    rng = np.random.default_rng(0)
+    id_scores, ood_scores = rng.normal(3.0, 1.0, 400), rng.normal(0.0, 1.0, 50)
+    figure = ood_score_histogram_figure(id_scores.tolist(), ood_scores.tolist(), "jointenergy")
+    image = figure_to_array(figure)
+    assert image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8
+    assert image.shape[0] > 100 and image.shape[1] > 100 and image.std() > 0
+    (ax,) = figure.axes
+    assert ax.get_xlabel() == "jointenergy (higher = in-distribution)"
+    assert ax.get_title() == "jointenergy: ID vs OOD"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ID", "OOD"]
+    id_patch, ood_patch = _hist_patches(figure)
+    # shared bins over the pooled range, both normalised to unit area despite 400 vs 50 scores
+    pooled = np.concatenate([id_scores, ood_scores])
+    for patch, scores in ((id_patch, id_scores), (ood_patch, ood_scores)):
+        x, y = patch.get_xy()[:, 0], patch.get_xy()[:, 1]
+        assert x.min() == pytest.approx(pooled.min()) and x.max() == pytest.approx(pooled.max())
+        edges = np.histogram_bin_edges(pooled, bins=int(np.sqrt(pooled.size)))
+        density, _ = np.histogram(scores, bins=edges, density=True)
+        assert (density * np.diff(edges)).sum() == pytest.approx(1.0)
+        assert y.max() == pytest.approx(density.max())
+    assert not [t for t in ax.texts if t.get_text()]  # no note
+
+
+def test_ood_score_histogram_figure_without_ood_scores_or_with_non_finite_ones():
+    figure = ood_score_histogram_figure([1.0, 2.0, 2.5], [], "maxlogit", title="epoch 3")
+    assert figure_to_array(figure).dtype == np.uint8
+    (ax,) = figure.axes
+    assert ax.get_title() == "epoch 3"
+    assert [t.get_text() for t in ax.texts] == ["no OOD samples"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ID"]
+
+    figure = ood_score_histogram_figure([], [], "energy")
+    assert figure_to_array(figure).shape[2] == 3
+    (ax,) = figure.axes
+    assert ax.texts[0].get_text() == "no ID samples\nno OOD samples" and ax.get_legend() is None
+
+    figure = ood_score_histogram_figure([5.0, 5.0], [float("inf"), 1.0, float("nan")], "energy")  # one ID value
+    assert figure_to_array(figure).dtype == np.uint8
+    (ax,) = figure.axes
+    assert ax.texts[0].get_text() == "2 non-finite OOD scores left out"
