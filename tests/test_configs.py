@@ -7,6 +7,7 @@ import pytest
 
 from lightning_lt.cli import main
 from tests.datamodules.test_cifar import make_cifar10, make_cifar100
+from tests.datamodules import test_detection as detection_data
 from tests.datamodules.test_multilabel import VOC_OBJECTS, VOC_SETS, make_voc
 from tests.datamodules.test_segmentation import make_ade20k, make_cityscapes
 from tests.helpers import REPO_ROOT, shared_data_dir
@@ -25,13 +26,17 @@ def fake_cifar_root(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def fake_data_roots(tmp_path_factory) -> dict[str, str]:
-    """ADE20K, Cityscapes and PASCAL VOC (multi-label) in their official layouts, random pixels
+    """ADE20K, Cityscapes and PASCAL VOC (multi-label and detection) in their official layouts, random pixels
     (the real sets are not here)."""
     ade, city = tmp_path_factory.mktemp("ade20k"), tmp_path_factory.mktemp("cityscapes")
     make_ade20k(ade)
     make_cityscapes(city)
     voc = make_voc(tmp_path_factory.mktemp("voc") / "VOCdevkit", VOC_OBJECTS, VOC_SETS)
-    return {"ADE20K": str(ade), "Cityscapes": str(city), "VOCMultiLabel": str(voc)}
+    voc_det = detection_data.make_voc(
+        tmp_path_factory.mktemp("voc_det") / "VOCdevkit", detection_data.VOC_OBJECTS,
+        {"trainval": ["000001", "000002", "000003"], "test": ["000001", "000002"]},
+    )
+    return {"ADE20K": str(ade), "Cityscapes": str(city), "VOCMultiLabel": str(voc), "VOCDetection": str(voc_det)}
 
 
 #: Segmentation configs train a small network on small crops in the smoke test (the configs' own
@@ -48,6 +53,13 @@ SEGMENTATION_SMOKE = [
 
 def data_overrides(config: Path, fake_cifar_root: str, data_roots: dict[str, str]) -> list[str]:
     text = config.read_text()
+    if "lightning_lt.tasks.DetectionModule" in text:
+        root = shared_data_dir("coco128") if "COCODetection" in text else data_roots["VOCDetection"]
+        return [
+            f"--data.init_args.root={root}", "--model.init_args.backbone=resnet18",
+            "--model.init_args.min_size=64", "--model.init_args.max_size=96", "--data.init_args.image_size=64",
+            "--data.init_args.max_size=96", "--data.init_args.batch_size=2", "--data.init_args.num_workers=0",
+        ]
     if "lightning_lt.tasks.MultiLabelOODModule" in text:
         root = shared_data_dir("coco128") if "COCOMultiLabel" in text else data_roots["VOCMultiLabel"]
         return [
@@ -82,6 +94,9 @@ def test_every_config_is_covered():
             assert f"{dataset}/{method}.yaml" in names
     for dataset in ("coco_ood", "voc_ood"):  # multi-label OOD: BCE vs unknown-aware training
         for method in ("bce", "edge"):
+            assert f"{dataset}/{method}.yaml" in names
+    for dataset in ("coco_det", "voc_det"):  # detection: RetinaNet / FCOS, focal vs sampling-free
+        for method in ("retinanet_focal", "retinanet_sf", "fcos_focal", "fcos_sf"):
             assert f"{dataset}/{method}.yaml" in names
 
 

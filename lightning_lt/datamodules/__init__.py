@@ -2,6 +2,7 @@
 
 from lightning_lt.datamodules.base import LongTailDataModule
 from lightning_lt.datamodules.cifar import CIFAR10LT, CIFAR100LT
+from lightning_lt.datamodules.detection import COCODetection, DetectionDataModule, DetectionDataset, VOCDetection
 from lightning_lt.datamodules.digits import DigitsLT
 from lightning_lt.datamodules.folder import ImageFolderLT
 from lightning_lt.datamodules.list_file import ListFileDataModule
@@ -21,9 +22,12 @@ __all__ = [
     "ADE20K",
     "CIFAR10LT",
     "CIFAR100LT",
+    "COCODetection",
     "COCOMultiLabel",
     "CamVid",
     "Cityscapes",
+    "DetectionDataModule",
+    "DetectionDataset",
     "DigitsLT",
     "ImageFolderLT",
     "ListFileDataModule",
@@ -35,6 +39,7 @@ __all__ = [
     "ResampledSampler",
     "SegmentationDataModule",
     "SegmentationDataset",
+    "VOCDetection",
     "VOCMultiLabel",
     "imbalance_counts",
     "long_tailed_indices",

@@ -492,6 +492,46 @@ class MultiLabelOODDataModule(LongTailDataModule):
         return CombinedLoader({"id": id_loader, "oe": oe_loader}, mode="min_size")
 
 
+def read_coco_instances(path: str, owner: str, layout: str) -> dict:
+    """A COCO ``instances_*.json`` file, checked for its ``images``, ``annotations`` and ``categories`` lists.
+
+    Raises:
+        FileNotFoundError: the file is missing (the message gives ``layout``).
+        ValueError: it is not JSON or lacks one of the three lists.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{owner}: annotation file {path!r} not found. Expected layout: {layout}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            content = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{owner}: {path!r} is not valid JSON ({err})") from err
+    keys = ("images", "annotations", "categories")
+    missing = [k for k in keys if not isinstance(content, dict) or k not in content]
+    if missing:
+        raise ValueError(
+            f"{owner}: {path!r} has no {missing} entries: expected a COCO instances file with "
+            "'images', 'annotations' and 'categories'"
+        )
+    return content
+
+
+def coco_categories(content: dict, path: str, owner: str) -> list[tuple[int, str]]:
+    """``(category id, name)`` of a COCO json's ``categories``, sorted by id (the label order).
+
+    Raises:
+        ValueError: no category, or a category id listed twice.
+    """
+    categories = sorted((int(c["id"]), str(c["name"])) for c in content["categories"])
+    ids = [i for i, _ in categories]
+    if not ids:
+        raise ValueError(f"{owner}: {path!r} lists no categories")
+    if len(set(ids)) != len(ids):
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"{owner}: {path!r} lists category ids {repeated} more than once; fix 'categories'")
+    return categories
+
+
 # ---------------------------------------------------------------------------------------------- COCO
 class COCOMultiLabel(MultiLabelOODDataModule):
     """MS-COCO as multi-label classification: an image's labels are the categories of its boxes.
@@ -574,35 +614,7 @@ class COCOMultiLabel(MultiLabelOODDataModule):
 
     def _read_json(self, split: str) -> dict:
         self._check_root()
-        path = self._annotation_file(split)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(
-                f"{type(self).__name__}: annotation file {path!r} not found. Expected layout: {self._layout()}"
-            )
-        with open(path, encoding="utf-8") as f:
-            try:
-                content = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{type(self).__name__}: {path!r} is not valid JSON ({err})") from err
-        keys = ("images", "annotations", "categories")
-        missing = [k for k in keys if not isinstance(content, dict) or k not in content]
-        if missing:
-            raise ValueError(
-                f"{type(self).__name__}: {path!r} has no {missing} entries: expected a COCO instances file with "
-                "'images', 'annotations' and 'categories'"
-            )
-        return content
-
-    @staticmethod
-    def _category_list(content: dict, path: str, owner: str) -> list[tuple[int, str]]:
-        categories = sorted((int(c["id"]), str(c["name"])) for c in content["categories"])
-        ids = [i for i, _ in categories]
-        if not ids:
-            raise ValueError(f"{owner}: {path!r} lists no categories")
-        if len(set(ids)) != len(ids):
-            repeated = sorted({i for i in ids if ids.count(i) > 1})
-            raise ValueError(f"{owner}: {path!r} lists category ids {repeated} more than once; fix 'categories'")
-        return categories
+        return read_coco_instances(self._annotation_file(split), type(self).__name__, self._layout())
 
     def categories(self) -> list[tuple[int, str]]:
         """``(category id, name)`` of every label, in label order (from the training json)."""
@@ -617,7 +629,7 @@ class COCOMultiLabel(MultiLabelOODDataModule):
         content = self._read_json(split)
         path = self._annotation_file(split)
         owner = type(self).__name__
-        categories = self._category_list(content, path, owner)
+        categories = coco_categories(content, path, owner)
         if split != self.train_split:
             reference = self.categories()
             if categories != reference:
