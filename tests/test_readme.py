@@ -41,7 +41,7 @@ def test_own_project_example_runs(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("name", ["README.md"])
 def test_readme_mentions_every_config(name):
     text = (REPO_ROOT / name).read_text()
-    for config in sorted((REPO_ROOT / "configs").rglob("*.yaml")):
+    for config in sorted((REPO_ROOT / "configs").rglob("*.yaml")):  # presets and sweeps included
         rel = str(config.relative_to(REPO_ROOT / "configs"))
         short = rel.replace("cifar10_lt/", "cifar{10,100}_lt/").replace("cifar100_lt/", "cifar{10,100}_lt/")
         assert rel in text or short in text, f"README does not list configs/{rel}"

@@ -72,7 +72,7 @@ def callbacks_of(trainer, cls) -> list:
 
 
 def test_the_twelve_configs_exist():
-    found = {(p.parent.name, p.stem) for p in CONFIGS.rglob("*sam_*.yaml")}
+    found = {(p.parent.name, p.stem) for p in CONFIGS.rglob("*sam_*.yaml") if p.parent.name != "sweeps"}
     assert found == set(EXPECTED)
 
 

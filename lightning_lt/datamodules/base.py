@@ -2,8 +2,11 @@
 
 from typing import Literal, Optional
 
+import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lightning_lt.datamodules.samplers import ResampledSampler
 
@@ -32,6 +35,20 @@ class LongTailDataModule(LightningDataModule):
     ``trainer.global_rank`` (1 / 0 without a trainer). ``val_dataloader`` iterates over the validation
     split (the balanced test split unless a subclass has a separate one), ``test_dataloader`` and
     ``predict_dataloader`` over the test split, in order, with ``eval_batch_size``.
+
+    Evaluation under DDP counts every sample exactly once: with ``trainer.world_size > 1`` the val / test /
+    predict loaders carry an unpadded :class:`~lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler`
+    (rank ``r`` reads samples ``r, r + W, r + 2W, ...``, no shuffling; see :meth:`eval_sampler`). Being a
+    ``DistributedSampler``, Lightning keeps it instead of injecting its own, which would pad the split with
+    repeated samples up to a multiple of ``W`` and make the metrics count those samples twice. The ranks
+    may then run one batch more or less than each other; this is safe because metrics are synchronised
+    once per epoch (torchmetrics states, ``self.log(..., sync_dist=True)`` values reduced at epoch end,
+    weighted by ``batch_size``) and DDP's forward in evaluation broadcasts buffers on the first batch
+    only, which every rank runs. Per-step collectives in ``validation_step`` / ``test_step`` (e.g.
+    ``self.log(..., on_step=True, sync_dist=True)``, ``all_gather``) would hang on the rank with fewer
+    batches, as would a key that only some ranks log. A split with fewer samples than processes falls
+    back to Lightning's padded sampler, with a warning. Subclasses that override ``_eval_loader`` pass
+    ``sampler=self.eval_sampler(dataset)`` to their ``DataLoader``.
 
     Args:
         batch_size: training batch size per process.
@@ -146,14 +163,51 @@ class LongTailDataModule(LightningDataModule):
             self.train_targets(), mode=self.sampler, num_replicas=num_replicas, rank=rank, seed=self.seed
         )
 
+    def shuffle_sampler(self, dataset: Dataset, seed: Optional[int] = None) -> DistributedSampler:
+        """Training shuffling whose order depends only on ``(seed, epoch)`` (Lightning calls ``set_epoch``),
+        sharded by ``trainer.world_size`` / ``global_rank``: a run resumed from a checkpoint draws the same
+        order as an uninterrupted one, which the global random state cannot guarantee."""
+        num_replicas, rank = self._replicas()
+        return DistributedSampler(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed if seed is None else seed
+        )
+
+    def train_loader_kwargs(self) -> dict:
+        """``DataLoader`` arguments of the training loaders: a private generator, so that creating the iterator
+        (which draws the workers' base seed) leaves the global random state alone."""
+        return {**self._loader_kwargs(), "generator": torch.Generator()}
+
     def train_dataloader(self) -> DataLoader:
         dataset = self._require("train_dataset")
-        if self.sampler is None:
-            return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, **self._loader_kwargs())
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=self.build_sampler(), **self._loader_kwargs())
+        sampler = self.shuffle_sampler(dataset) if self.sampler is None else self.build_sampler()
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **self.train_loader_kwargs())
+
+    def eval_sampler(self, dataset: Dataset) -> Optional[Sampler]:
+        """The sampler of an evaluation loader: unpadded and sharded under DDP, ``None`` (in order) otherwise.
+
+        With ``trainer.world_size`` ``W > 1``, an
+        :class:`~lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler` giving rank ``r``
+        the samples ``r, r + W, ...`` of ``dataset`` (each sample on exactly one rank). ``None`` without a
+        trainer, with one process, or when ``dataset`` has fewer than ``W`` samples (a rank without any
+        batch could hang DDP's buffer broadcast; Lightning then pads the split, with a warning).
+        """
+        num_replicas, rank = self._replicas()
+        if num_replicas <= 1:
+            return None
+        if len(dataset) < num_replicas:  # type: ignore[arg-type]
+            rank_zero_warn(
+                f"{type(self).__name__}: an evaluation split of {len(dataset)} samples "  # type: ignore[arg-type]
+                f"is smaller than the {num_replicas} processes; Lightning's DistributedSampler pads it, so "
+                "some samples are counted more than once. HINT: evaluate with `Trainer(devices=1)`"
+            )
+            return None
+        return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+        return DataLoader(
+            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=self.eval_sampler(dataset),
+            **self._loader_kwargs(),
+        )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         dataset = self.val_dataset if self.val_dataset is not None else self._require("test_dataset")

@@ -473,8 +473,9 @@ class MultiLabelOODDataModule(LongTailDataModule):
         self.val_dataset = self.test_dataset
 
     def _train_loader(self, dataset: Dataset, batch_size: int, seed: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(seed)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=generator, **self._loader_kwargs())
+        return DataLoader(
+            dataset, batch_size=batch_size, sampler=self.shuffle_sampler(dataset, seed=seed), **self.train_loader_kwargs()
+        )
 
     def train_dataloader(self) -> Union[DataLoader, CombinedLoader]:
         id_loader = self._train_loader(self._require("train_dataset"), self.batch_size, self.seed)

@@ -524,20 +524,19 @@ class SegmentationDataModule(LongTailDataModule):
                 self.test_dataset = self._dataset(self.test_split, self.eval_transform())
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        dataset = self._require("train_dataset")
         return DataLoader(
-            self._require("train_dataset"),
+            dataset,
             batch_size=self.batch_size,
-            shuffle=True,
+            sampler=self.shuffle_sampler(dataset, seed=self.seed or 0),
             collate_fn=segmentation_collate,
-            generator=generator,
-            **self._loader_kwargs(),
+            **self.train_loader_kwargs(),
         )
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=segmentation_collate,
-            **self._loader_kwargs(),
+            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=self.eval_sampler(dataset),
+            collate_fn=segmentation_collate, **self._loader_kwargs(),
         )  # fmt: skip
 
 

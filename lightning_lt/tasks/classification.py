@@ -166,7 +166,7 @@ class LongTailClassifier(TaskModule):
     def _eval_step(self, batch: Any, stage: str, metric: LongTailAccuracy) -> None:
         x, y = batch
         logits = self(x)
-        self.log(f"{stage}/loss", self.loss(logits, y), sync_dist=True, batch_size=y.shape[0])
+        self.update_eval_loss(stage, self.loss(logits, y), y.shape[0])
         metric.update(self.eval_logits(logits), y)
 
     def on_validation_epoch_end(self) -> None:
@@ -189,6 +189,7 @@ class LongTailClassifier(TaskModule):
         self._log_epoch_metrics("test", self.test_metric)
 
     def _log_epoch_metrics(self, stage: str, metric: LongTailAccuracy) -> Tensor:
+        self.log_eval_loss(stage)
         with warnings.catch_warnings():
             if not self.has_shot_groups:
                 warnings.simplefilter("ignore")

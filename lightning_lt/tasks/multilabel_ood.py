@@ -235,8 +235,9 @@ class MultiLabelOODModule(TaskModule):
         in_dist = ~is_ood
         if in_dist.any():
             map_metric.update(logits[in_dist], targets[in_dist])
-            self.log(f"{stage}/loss", self.id_loss(logits[in_dist], targets[in_dist]), sync_dist=True,
-                     batch_size=int(in_dist.sum()))
+            self.update_eval_loss(stage, self.id_loss(logits[in_dist], targets[in_dist]), int(in_dist.sum()))
+        else:  # keeps every process's loss state in step under DDP
+            self.update_eval_loss(stage, logits.new_zeros(()), 0)
         scores = ood_scores(logits, self.ood_score_names)
         ood_metric.update(scores, is_ood)
         if stage == "val" and self.plot_histogram:
@@ -259,6 +260,7 @@ class MultiLabelOODModule(TaskModule):
         self._log_epoch_metrics("test", self.test_map, self.test_ood)
 
     def _log_epoch_metrics(self, stage: str, map_metric: MultilabelAP, ood_metric: OODDetection) -> None:
+        self.log_eval_loss(stage)
         values: dict[str, Tensor] = {}
         with warnings.catch_warnings():
             if self.tail_labels is None:

@@ -272,7 +272,7 @@ class SegmentationModule(TaskModule):
     def _eval_step(self, batch: Any, stage: str, metric: SegmentationIoU) -> None:
         images, masks = split_segmentation_batch(batch)
         logits = self._logits(images, masks)
-        self.log(f"{stage}/loss", self.compute_losses(logits, masks)["loss"], sync_dist=True, batch_size=images.shape[0])
+        self.update_eval_loss(stage, self.compute_losses(logits, masks)["loss"], images.shape[0])
         metric.update(logits, masks)
 
     def on_validation_epoch_end(self) -> None:
@@ -289,6 +289,7 @@ class SegmentationModule(TaskModule):
         self._log_epoch_metrics("test", self.test_metric)
 
     def _log_epoch_metrics(self, stage: str, metric: SegmentationIoU) -> dict[str, Tensor]:
+        self.log_eval_loss(stage)
         with warnings.catch_warnings():
             if self.tail_classes is None:
                 warnings.simplefilter("ignore")

@@ -1,7 +1,8 @@
 from types import SimpleNamespace
 
 import pytest
-from torch.utils.data import RandomSampler, SequentialSampler
+import torch
+from torch.utils.data import DistributedSampler, SequentialSampler
 
 from lightning_lt.datamodules import LongTailDataModule, ResampledSampler
 from tests.datamodules.utils import ToyLT
@@ -19,11 +20,21 @@ def test_class_statistics_are_lazy_and_cached():
 
 
 def test_train_loader_shuffles_without_sampler():
+    """Shuffling depends only on (seed, epoch): the same epoch gives the same order, another epoch another one,
+    whatever the global random state (a resumed run draws the same order as an uninterrupted one)."""
     dm = ToyLT(batch_size=6)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RandomSampler)
+    assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.shuffle
     assert loader.batch_size == 6
+
+    def order(epoch):
+        torch.manual_seed(epoch * 7 + 1)  # the global state must not matter
+        loader.sampler.set_epoch(epoch)
+        return list(loader.sampler)
+
+    assert order(3) == order(3) and order(3) != order(4)
+    assert sorted(order(0)) == list(range(len(dm.train_dataset)))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
