@@ -22,7 +22,6 @@ COCOeval neither rewards nor penalises detections on them.
 
 import json
 import os
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -37,7 +36,15 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from lightning_lt.datamodules.base import LongTailDataModule
 from lightning_lt.datamodules.folder import pil_loader
-from lightning_lt.datamodules.multilabel import VOC_CLASSES, coco_categories, read_coco_instances
+from lightning_lt.datamodules.multilabel import (
+    VOC_CLASSES,
+    coco_categories,
+    parse_voc_objects,
+    read_coco_instances,
+    read_voc_image_set,
+    voc_annotation_path,
+    voc_layout,
+)
 
 __all__ = [
     "COCODetection",
@@ -713,11 +720,7 @@ class VOCDetection(DetectionDataModule):
         return os.path.join(self.root, f"VOC{self.year}")
 
     def _layout(self) -> str:
-        voc = self.voc_dir
-        return (
-            f"{voc}/Annotations/<id>.xml, {voc}/ImageSets/Main/{{{self.train_split},{self.val_split}}}.txt (one id "
-            f"per line) and {voc}/JPEGImages/<id>.jpg, with `root` the VOCdevkit folder"
-        )
+        return voc_layout(self.voc_dir, (self.train_split, self.val_split))
 
     def _ignored_kind(self) -> str:
         return "difficult objects"
@@ -727,35 +730,23 @@ class VOCDetection(DetectionDataModule):
 
     def _read_xml(self, xml_path: str, image_path: str, position: int) -> DetectionRecord:
         owner = type(self).__name__
-        try:
-            root = ET.parse(xml_path).getroot()
-        except ET.ParseError as err:
-            raise ValueError(f"{owner}: annotation {xml_path!r} is not valid XML ({err})") from err
+        root, objects = parse_voc_objects(xml_path, owner)
         width = int(float(root.findtext("size/width") or 0))
         height = int(float(root.findtext("size/height") or 0))
         if width <= 0 or height <= 0:  # no <size>: read the image header (no decoding)
             with Image.open(image_path) as image:
                 width, height = image.size
         boxes, labels, ignore = [], [], []
-        for obj in root.iter("object"):
-            name = (obj.findtext("name") or "").strip()
-            if not name:
-                raise ValueError(f"{owner}: annotation {xml_path!r} has an <object> without a <name>")
-            if name not in VOC_CLASSES:
-                raise ValueError(
-                    f"{owner}: annotation {xml_path!r} has an object named {name!r}, which is not a VOC class "
-                    f"{list(VOC_CLASSES)}. Fix the name in the file."
-                )
+        for label, difficult, obj in objects:
             try:
                 box = [float(obj.findtext(f"bndbox/{k}")) - 1.0 for k in ("xmin", "ymin", "xmax", "ymax")]
             except (TypeError, ValueError) as err:
                 raise ValueError(
-                    f"{owner}: annotation {xml_path!r}: the {name!r} object has no valid <bndbox> "
+                    f"{owner}: annotation {xml_path!r}: the {VOC_CLASSES[label]!r} object has no valid <bndbox> "
                     "(<xmin>, <ymin>, <xmax>, <ymax> numbers)"
                 ) from err
-            difficult = (obj.findtext("difficult") or "0").strip() == "1"
             boxes.append(box)
-            labels.append(VOC_CLASSES.index(name))
+            labels.append(label)
             ignore.append(difficult and not self.use_difficult)
         boxes_array = np.array(boxes, dtype=np.float64).reshape(-1, 4)
         areas = np.clip(boxes_array[:, 2] - boxes_array[:, 0], 0, None) * np.clip(
@@ -773,26 +764,11 @@ class VOCDetection(DetectionDataModule):
         )
 
     def _read_split(self, split: str) -> tuple[list[DetectionRecord], str]:
-        owner = type(self).__name__
-        if not os.path.isdir(self.voc_dir):
-            found = sorted(os.listdir(self.root))[:10]
-            raise FileNotFoundError(
-                f"{owner}: {self.voc_dir!r} not found (check `year`; found in root: {found}). "
-                f"Expected layout: {self._layout()}"
-            )
-        set_file = os.path.join(self.voc_dir, "ImageSets", "Main", f"{split}.txt")
-        if not os.path.isfile(set_file):
-            raise FileNotFoundError(f"{owner}: image set {set_file!r} not found. Expected layout: {self._layout()}")
-        with open(set_file, encoding="utf-8") as f:
-            ids = [line.split()[0] for line in f if line.strip()]
+        owner, layout = type(self).__name__, self._layout()
+        ids, set_file = read_voc_image_set(self.root, self.voc_dir, split, owner, layout)
         images = self._check_images(os.path.join(self.voc_dir, "JPEGImages"), [f"{i}.jpg" for i in ids], set_file)
         records = []
         for position, (image_id, image_path) in enumerate(zip(ids, images)):
-            xml_path = os.path.join(self.voc_dir, "Annotations", f"{image_id}.xml")
-            if not os.path.isfile(xml_path):
-                raise FileNotFoundError(
-                    f"{owner}: annotation {xml_path!r} (listed in {set_file!r}) not found. Expected layout: "
-                    f"{self._layout()}"
-                )
+            xml_path = voc_annotation_path(self.voc_dir, image_id, set_file, owner, layout)
             records.append(self._read_xml(xml_path, image_path, position))
         return records, set_file

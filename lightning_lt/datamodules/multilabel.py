@@ -493,6 +493,67 @@ class MultiLabelOODDataModule(LongTailDataModule):
         return CombinedLoader({"id": id_loader, "oe": oe_loader}, mode="min_size")
 
 
+def voc_layout(voc_dir: str, splits: Sequence[str]) -> str:
+    """The expected PASCAL VOC layout under ``voc_dir`` (for error messages)."""
+    return (
+        f"{voc_dir}/Annotations/<id>.xml, {voc_dir}/ImageSets/Main/{{{','.join(splits)}}}.txt (one id "
+        f"per line) and {voc_dir}/JPEGImages/<id>.jpg, with `root` the VOCdevkit folder"
+    )
+
+
+def read_voc_image_set(root: str, voc_dir: str, split: str, owner: str, layout: str) -> tuple[list[str], str]:
+    """The image ids of ``ImageSets/Main/<split>.txt`` (first token of each line) and that file's path.
+
+    Raises:
+        FileNotFoundError: ``voc_dir`` or the image-set file is missing.
+    """
+    if not os.path.isdir(voc_dir):
+        found = sorted(os.listdir(root))[:10] if os.path.isdir(root) else []
+        raise FileNotFoundError(
+            f"{owner}: {voc_dir!r} not found (check `year`; found in root: {found}). Expected layout: {layout}"
+        )
+    set_file = os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt")
+    if not os.path.isfile(set_file):
+        raise FileNotFoundError(f"{owner}: image set {set_file!r} not found. Expected layout: {layout}")
+    with open(set_file, encoding="utf-8") as f:
+        return [line.split()[0] for line in f if line.strip()], set_file
+
+
+def voc_annotation_path(voc_dir: str, image_id: str, set_file: str, owner: str, layout: str) -> str:
+    """``Annotations/<image_id>.xml``, which must exist."""
+    xml_path = os.path.join(voc_dir, "Annotations", f"{image_id}.xml")
+    if not os.path.isfile(xml_path):
+        raise FileNotFoundError(
+            f"{owner}: annotation {xml_path!r} (listed in {set_file!r}) not found. Expected layout: {layout}"
+        )
+    return xml_path
+
+
+def parse_voc_objects(xml_path: str, owner: str) -> tuple[ET.Element, list[tuple[int, bool, ET.Element]]]:
+    """The root of a VOC annotation and its objects as ``(class index, difficult, <object> element)``.
+
+    Raises:
+        ValueError: invalid XML, an ``<object>`` without ``<name>``, or a name that is not a VOC class.
+    """
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as err:
+        raise ValueError(f"{owner}: annotation {xml_path!r} is not valid XML ({err})") from err
+    objects = []
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        if not name:
+            raise ValueError(f"{owner}: annotation {xml_path!r} has an <object> without a <name>")
+        if name not in VOC_CLASSES:
+            raise ValueError(
+                f"{owner}: annotation {xml_path!r} has an object named {name!r}, which is not a VOC class "
+                f"{list(VOC_CLASSES)}. Fix the name in the file."
+            )
+        difficult = (obj.findtext("difficult") or "0").strip() == "1"
+        objects.append((VOC_CLASSES.index(name), difficult, obj))
+    return root, objects
+
+
 def read_coco_instances(path: str, owner: str, layout: str) -> dict:
     """A COCO ``instances_*.json`` file, checked for its ``images``, ``annotations`` and ``categories`` lists.
 
@@ -749,60 +810,23 @@ class VOCMultiLabel(MultiLabelOODDataModule):
         return os.path.join(self.root, f"VOC{self.year}")
 
     def _layout(self) -> str:
-        voc = self.voc_dir
-        return (
-            f"{voc}/Annotations/<id>.xml, {voc}/ImageSets/Main/{{{self.train_split},{self.val_split}}}.txt (one id "
-            f"per line) and {voc}/JPEGImages/<id>.jpg, with `root` the VOCdevkit folder"
-        )
+        return voc_layout(self.voc_dir, (self.train_split, self.val_split))
 
     def _compute_class_names(self) -> list[str]:
         return list(VOC_CLASSES)
 
     def _read_labels(self, xml_path: str) -> list[int]:
-        owner = type(self).__name__
-        try:
-            tree = ET.parse(xml_path)
-        except ET.ParseError as err:
-            raise ValueError(f"{owner}: annotation {xml_path!r} is not valid XML ({err})") from err
-        labels = set()
-        for obj in tree.getroot().iter("object"):
-            name = (obj.findtext("name") or "").strip()
-            if not name:
-                raise ValueError(f"{owner}: annotation {xml_path!r} has an <object> without a <name>")
-            if name not in VOC_CLASSES:
-                raise ValueError(
-                    f"{owner}: annotation {xml_path!r} has an object named {name!r}, which is not a VOC class "
-                    f"{list(VOC_CLASSES)}. Fix the name in the file."
-                )
-            difficult = (obj.findtext("difficult") or "0").strip() == "1"
-            if difficult and not self.use_difficult:
-                continue
-            labels.add(VOC_CLASSES.index(name))
-        return sorted(labels)
+        _, objects = parse_voc_objects(xml_path, type(self).__name__)
+        return sorted({c for c, difficult, _ in objects if self.use_difficult or not difficult})
 
     def _list_split(self, split: str) -> list[tuple[str, list[int]]]:
-        owner = type(self).__name__
-        if not os.path.isdir(self.voc_dir):
-            found = sorted(os.listdir(self.root))[:10]
-            raise FileNotFoundError(
-                f"{owner}: {self.voc_dir!r} not found (check `year`; found in root: {found}). "
-                f"Expected layout: {self._layout()}"
-            )
-        set_file = os.path.join(self.voc_dir, "ImageSets", "Main", f"{split}.txt")
-        if not os.path.isfile(set_file):
-            raise FileNotFoundError(f"{owner}: image set {set_file!r} not found. Expected layout: {self._layout()}")
-        with open(set_file, encoding="utf-8") as f:
-            ids = [line.split()[0] for line in f if line.strip()]
+        owner, layout = type(self).__name__, self._layout()
+        ids, set_file = read_voc_image_set(self.root, self.voc_dir, split, owner, layout)
         image_dir = os.path.join(self.voc_dir, "JPEGImages")
         listing = set(os.listdir(image_dir)) if os.path.isdir(image_dir) else set()
         samples = []
         for image_id in ids:
-            xml_path = os.path.join(self.voc_dir, "Annotations", f"{image_id}.xml")
-            if not os.path.isfile(xml_path):
-                raise FileNotFoundError(
-                    f"{owner}: annotation {xml_path!r} (listed in {set_file!r}) not found. Expected layout: "
-                    f"{self._layout()}"
-                )
+            xml_path = voc_annotation_path(self.voc_dir, image_id, set_file, owner, layout)
             image = self._check_image(image_dir, f"{image_id}.jpg", listing)
             samples.append((image, self._read_labels(xml_path)))
         return samples
