@@ -1,5 +1,6 @@
 """Base class of the long-tailed DataModules."""
 
+from collections.abc import Callable
 from typing import Literal, Optional
 
 import torch
@@ -66,6 +67,8 @@ class LongTailDataModule(LightningDataModule):
     train_dataset: Optional[Dataset] = None
     val_dataset: Optional[Dataset] = None
     test_dataset: Optional[Dataset] = None
+    #: ``collate_fn`` of every loader (``None``: PyTorch's default); a plain function, not a method.
+    batch_collate: Optional[Callable] = None
 
     def __init__(
         self,
@@ -143,6 +146,7 @@ class LongTailDataModule(LightningDataModule):
 
     def _loader_kwargs(self) -> dict:
         return {
+            "collate_fn": type(self).batch_collate,
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.persistent_workers and self.num_workers > 0,
@@ -169,7 +173,7 @@ class LongTailDataModule(LightningDataModule):
         order as an uninterrupted one, which the global random state cannot guarantee."""
         num_replicas, rank = self._replicas()
         return DistributedSampler(
-            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=self.seed if seed is None else seed
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=(self.seed or 0) if seed is None else seed
         )
 
     def train_loader_kwargs(self) -> dict:

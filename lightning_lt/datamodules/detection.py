@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.functional import pil_to_tensor
@@ -38,12 +38,12 @@ from lightning_lt.datamodules.base import LongTailDataModule
 from lightning_lt.datamodules.folder import pil_loader
 from lightning_lt.datamodules.multilabel import (
     VOC_CLASSES,
+    VOCFolder,
     coco_categories,
     parse_voc_objects,
     read_coco_instances,
     read_voc_image_set,
     voc_annotation_path,
-    voc_layout,
 )
 
 __all__ = [
@@ -255,6 +255,8 @@ class DetectionDataModule(LongTailDataModule):
 
     train_split: str = "train"
     val_split: str = "val"
+
+    batch_collate = staticmethod(detection_collate)
 
     def __init__(
         self,
@@ -482,22 +484,6 @@ class DetectionDataModule(LongTailDataModule):
             self.test_dataset = DetectionDataset(self.split_records("val"), self.eval_transform())
         self.val_dataset = self.test_dataset
 
-    def train_dataloader(self) -> DataLoader:
-        dataset = self._require("train_dataset")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=self.shuffle_sampler(dataset),
-            collate_fn=detection_collate,
-            **self.train_loader_kwargs(),
-        )
-
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=self.eval_sampler(dataset),
-            collate_fn=detection_collate, **self._loader_kwargs(),
-        )  # fmt: skip
-
 
 # ---------------------------------------------------------------------------------------------- COCO
 class COCODetection(DetectionDataModule):
@@ -644,7 +630,7 @@ class COCODetection(DetectionDataModule):
 
 
 # ---------------------------------------------------------------------------------------------- VOC
-class VOCDetection(DetectionDataModule):
+class VOCDetection(VOCFolder, DetectionDataModule):
     """Pascal VOC object detection (20 classes, ``VOC_CLASSES`` order: aeroplane ... tvmonitor).
 
     Layout (``root`` is the ``VOCdevkit`` folder)::
@@ -713,14 +699,6 @@ class VOCDetection(DetectionDataModule):
         self.val_split = val_set
         self.use_difficult = use_difficult
         self.save_hyperparameters()
-
-    @property
-    def voc_dir(self) -> str:
-        """The ``root/VOC{year}`` folder."""
-        return os.path.join(self.root, f"VOC{self.year}")
-
-    def _layout(self) -> str:
-        return voc_layout(self.voc_dir, (self.train_split, self.val_split))
 
     def _ignored_kind(self) -> str:
         return "difficult objects"

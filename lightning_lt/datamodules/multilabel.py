@@ -554,6 +554,24 @@ def parse_voc_objects(xml_path: str, owner: str) -> tuple[ET.Element, list[tuple
     return root, objects
 
 
+class VOCFolder:
+    """The ``root/VOC{year}`` folder of a PASCAL VOC data module (``root``, ``year``, ``train_split`` and
+    ``val_split`` attributes) and its expected layout."""
+
+    root: str
+    year: str
+    train_split: str
+    val_split: str
+
+    @property
+    def voc_dir(self) -> str:
+        """The ``root/VOC{year}`` folder."""
+        return os.path.join(self.root, f"VOC{self.year}")
+
+    def _layout(self) -> str:
+        return voc_layout(self.voc_dir, (self.train_split, self.val_split))
+
+
 def read_coco_instances(path: str, owner: str, layout: str) -> dict:
     """A COCO ``instances_*.json`` file, checked for its ``images``, ``annotations`` and ``categories`` lists.
 
@@ -733,7 +751,7 @@ class COCOMultiLabel(MultiLabelOODDataModule):
 
 
 # ---------------------------------------------------------------------------------------------- VOC
-class VOCMultiLabel(MultiLabelOODDataModule):
+class VOCMultiLabel(VOCFolder, MultiLabelOODDataModule):
     """Pascal VOC as multi-label classification (20 labels): an image's labels are the names of its objects.
 
     Layout (``root`` is the ``VOCdevkit`` folder)::
@@ -803,14 +821,6 @@ class VOCMultiLabel(MultiLabelOODDataModule):
         self.val_split = val_set
         self.use_difficult = use_difficult
         self.save_hyperparameters()
-
-    @property
-    def voc_dir(self) -> str:
-        """The ``root/VOC{year}`` folder."""
-        return os.path.join(self.root, f"VOC{self.year}")
-
-    def _layout(self) -> str:
-        return voc_layout(self.voc_dir, (self.train_split, self.val_split))
 
     def _compute_class_names(self) -> list[str]:
         return list(VOC_CLASSES)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -320,6 +320,8 @@ class SegmentationDataModule(LongTailDataModule):
     val_split: str = "val"
     test_split: str = "test"
 
+    batch_collate = staticmethod(segmentation_collate)
+
     def __init__(
         self,
         root: str,
@@ -522,22 +524,6 @@ class SegmentationDataModule(LongTailDataModule):
                 self.test_dataset = self.val_dataset
             else:
                 self.test_dataset = self._dataset(self.test_split, self.eval_transform())
-
-    def train_dataloader(self) -> DataLoader:
-        dataset = self._require("train_dataset")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=self.shuffle_sampler(dataset, seed=self.seed or 0),
-            collate_fn=segmentation_collate,
-            **self.train_loader_kwargs(),
-        )
-
-    def _eval_loader(self, dataset: Dataset) -> DataLoader:
-        return DataLoader(
-            dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=self.eval_sampler(dataset),
-            collate_fn=segmentation_collate, **self._loader_kwargs(),
-        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- CamVid
