@@ -59,7 +59,8 @@ class LongTailClassifier(TaskModule):
         class_names: optional class names for per-class logging (linked by the CLI).
         loss: factory called as ``loss(class_counts)`` returning the criterion: a class or a
             ``functools.partial`` (not an instance: the counts are only known here).
-        head: ``"linear"``, ``"cosine"`` (normalised classifier, for LDAM) or ``"none"``.
+        head: ``"linear"``, ``"cosine"`` (normalised classifier; ``LDAMLoss`` with ``s != 1`` requires it) or
+            ``"none"``.
         head_init: weight init of the linear head: ``"default"`` (PyTorch's), ``"kaiming_normal"``, or
             ``"auto"``: the backbone's ``head_init`` attribute if it has one (``CIFARResNet``:
             ``"kaiming_normal"``, as LDAM-DRW's ResNet-32 initialises its classifier), else ``"default"``.
@@ -72,7 +73,8 @@ class LongTailClassifier(TaskModule):
         lr_scheduler: optional factory called with the optimizer; stepped every epoch
             (``lr_scheduler_interval="epoch"``) or every optimizer step (``"step"``).
         posthoc_tau: if set, evaluation uses ``logits - posthoc_tau * log(prior)`` (post-hoc logit
-            adjustment, Menon et al.); training is unchanged.
+            adjustment, Menon et al.); training is unchanged. Refused with ``LogitAdjustedLoss`` and
+            ``BalancedSoftmaxLoss``, whose raw logits are already adjusted.
         many_threshold / few_threshold: shot-group thresholds (OLTR convention: 100 / 20).
         log_per_class: log one accuracy scalar per class.
         plot_per_class: log the per-class accuracy figure at the end of each validation epoch.
