@@ -27,6 +27,7 @@ from lightning_lt.losses import CrossEntropyLoss
 from lightning_lt.nets import MLP
 from lightning_lt.optim import SAM as SAMOptimizer
 from lightning_lt.tasks import DetectionModule, LongTailClassifier, MultiLabelOODModule, SegmentationModule
+from tests.datamodules.test_base import DrawRecorder, RandomToy
 from tests.datamodules.test_detection import write_coco
 from tests.datamodules.test_multilabel import make_voc
 from tests.datamodules.test_segmentation import make_camvid
@@ -224,6 +225,32 @@ def test_sam_family_ddp_fit_completes(tmp_path, name):
     assert torch.equal(records[0]["weights"], records[1]["weights"])  # the updates were all-reduced
     assert torch.isfinite(records[0]["weights"]).all()
     assert math.isfinite(float(trainer.callback_metrics["val/acc"]))
+
+
+# ------------------------------------------------------------------------------------------ random draws per rank
+@pytest.mark.filterwarnings("ignore:.*no `validation_step`")
+@pytest.mark.parametrize(("num_workers", "seed_workers"), [(0, False), (2, False), (2, True)])
+def test_ranks_draw_their_own_augmentation_and_dropout(tmp_path, num_workers, seed_workers):
+    """Each rank draws its own data augmentation (in the main process or in its workers) and dropout masks; rank 0
+    draws what a single process draws. Before, every rank reseeded with the same seed each epoch and the workers of
+    every rank got the same base seed, so rank r's i-th sample had rank 0's crop, flip and dropout mask (only
+    Lightning's `worker_init_fn`, with `seed_everything(workers=True)`, separated the workers)."""
+    runs = {}
+    for devices in (1, 2):
+        root = tmp_path / f"devices{devices}"
+        root.mkdir()
+        seed_everything(0, workers=seed_workers)
+        trainer = make_trainer(root, devices=devices, max_epochs=2, limit_val_batches=0)
+        trainer.fit(DrawRecorder(str(root)), datamodule=RandomToy(num_workers=num_workers, batch_size=4))
+        runs[devices] = [json.loads((root / f"rank{r}.json").read_text()) for r in range(devices)]
+    (single,), (rank0, rank1) = runs[1], runs[2]
+    assert len(rank0) == len(rank1) == 6 and len(single) == 12  # 24 samples, batches of 4, 2 epochs
+    for (epoch, _, draws0, mask0), (_, _, draws1, mask1) in zip(rank0, rank1):
+        assert draws0 != draws1 and mask0 != mask1, epoch
+    for epoch in (0, 1):
+        # a step runs after the next batch was fetched, so the shorter epoch's last step draws at another point
+        expected = [d[2:] for d in single if d[0] == epoch][:2]
+        assert [d[2:] for d in rank0 if d[0] == epoch][:2] == expected
 
 
 # ------------------------------------------------------------------------------------------ segmentation

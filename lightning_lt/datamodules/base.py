@@ -1,8 +1,10 @@
 """Base class of the long-tailed DataModules."""
 
-from collections.abc import Callable
-from typing import Literal, Optional
+import os
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, Optional
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -11,9 +13,48 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from lightning_lt.datamodules.samplers import ResampledSampler
 
-__all__ = ["LongTailDataModule"]
+__all__ = ["EpochSeededDataLoader", "LongTailDataModule", "derive_seed"]
 
 _SAMPLERS = (None, "class_balanced", "sqrt")
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 32-bit seed derived from ``seed`` and ``keys`` (e.g. epoch, rank) with numpy's ``SeedSequence``.
+
+    Distinct key tuples give independent seeds (unlike ``seed + rank``, where rank 1 of epoch 0 would repeat
+    rank 0 of epoch 1).
+
+    Example:
+        >>> derive_seed(0, 1) == derive_seed(0, 1), derive_seed(0, 1) == derive_seed(0, 2)
+        (True, False)
+    """
+    return int(np.random.SeedSequence([int(seed) % 2**64, *(int(k) for k in keys)]).generate_state(1)[0])
+
+
+class EpochSeededDataLoader(DataLoader):
+    """A ``DataLoader`` whose workers' base seed depends only on ``(worker_seed, sampler.epoch)``.
+
+    PyTorch draws the base seed of an epoch's workers (worker ``w`` seeds torch, ``random`` and numpy from
+    ``base + w``, or Lightning's ``worker_init_fn`` mixes in the global rank) from ``generator`` whenever an
+    iterator is created. This loader reseeds ``generator`` with :func:`derive_seed` of ``worker_seed`` and the
+    sampler's epoch first, so that a run resumed at epoch ``k`` gives its workers the seeds of the uninterrupted
+    run's epoch ``k`` (with ``persistent_workers=False``: persistent workers are seeded once per fit).
+
+    Args:
+        args, kwargs: those of ``DataLoader``; ``generator`` is created when not given.
+        worker_seed: base of the per-epoch seeds; ``None`` leaves ``generator`` alone (plain ``DataLoader``).
+    """
+
+    def __init__(self, *args: Any, worker_seed: Optional[int] = None, **kwargs: Any) -> None:
+        if worker_seed is not None and kwargs.get("generator") is None:
+            kwargs["generator"] = torch.Generator()
+        super().__init__(*args, **kwargs)
+        self.worker_seed = worker_seed
+
+    def __iter__(self) -> Iterator:
+        if self.worker_seed is not None:
+            self.generator.manual_seed(derive_seed(self.worker_seed, getattr(self.sampler, "epoch", 0)))
+        return super().__iter__()
 
 
 class LongTailDataModule(LightningDataModule):
@@ -36,6 +77,14 @@ class LongTailDataModule(LightningDataModule):
     ``trainer.global_rank`` (1 / 0 without a trainer). ``val_dataloader`` iterates over the validation
     split (the balanced test split unless a subclass has a separate one), ``test_dataloader`` and
     ``predict_dataloader`` over the test split, in order, with ``eval_batch_size``.
+
+    Training randomness under DDP and across a resume: the sample order depends on ``(seed, epoch)`` only (the
+    sampler starts at the trainer's epoch); data-loader workers are seeded from ``(global seed, rank, epoch)``
+    (:class:`EpochSeededDataLoader`), so ranks draw different augmentations and a run resumed at an epoch
+    boundary gives its workers the same seeds as the uninterrupted run. Augmentation in the main process
+    (``num_workers=0``) and dropout use the global generators, which the task modules reseed from
+    ``(global seed, epoch, rank)`` at every epoch start
+    (:func:`~lightning_lt.tasks.base.reseed_for_epoch`).
 
     Evaluation under DDP counts every sample exactly once: with ``trainer.world_size > 1`` the val / test /
     predict loaders carry an unpadded :class:`~lightning.pytorch.overrides.distributed.UnrepeatedDistributedSampler`
@@ -158,33 +207,61 @@ class LongTailDataModule(LightningDataModule):
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
 
+    def _fit_epoch(self) -> int:
+        """The epoch the next training iterator serves: Lightning's processed-epoch counter, restored from a
+        checkpoint before the training loader is requested (0 without a trainer)."""
+        fit_loop = getattr(self.trainer, "fit_loop", None)
+        return 0 if fit_loop is None else int(fit_loop.epoch_progress.current.processed)
+
     def build_sampler(self) -> ResampledSampler:
-        """The re-sampler of ``train_dataloader`` for the current trainer (requires ``sampler`` to be set)."""
+        """The re-sampler of ``train_dataloader`` for the current trainer (requires ``sampler`` to be set),
+        already at the current epoch (see :meth:`shuffle_sampler`)."""
         if self.sampler is None:
             raise ValueError("`sampler` is None: the training loader shuffles instead of re-sampling")
         num_replicas, rank = self._replicas()
-        return ResampledSampler(
+        sampler = ResampledSampler(
             self.train_targets(), mode=self.sampler, num_replicas=num_replicas, rank=rank, seed=self.seed
         )
+        sampler.set_epoch(self._fit_epoch())
+        return sampler
 
     def shuffle_sampler(self, dataset: Dataset, seed: Optional[int] = None) -> DistributedSampler:
         """Training shuffling whose order depends only on ``(seed, epoch)`` (Lightning calls ``set_epoch``),
         sharded by ``trainer.world_size`` / ``global_rank``: a run resumed from a checkpoint draws the same
-        order as an uninterrupted one, which the global random state cannot guarantee."""
+        order as an uninterrupted one, which the global random state cannot guarantee.
+
+        The sampler starts at the trainer's current epoch: Lightning creates the first iterator of a fit (and
+        with workers, draws their first indices) before it calls ``set_epoch``, so a sampler left at epoch 0
+        would replay epoch 0's order in the first epoch of a resumed run."""
         num_replicas, rank = self._replicas()
-        return DistributedSampler(
+        sampler = DistributedSampler(
             dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=(self.seed or 0) if seed is None else seed
         )
+        sampler.set_epoch(self._fit_epoch())
+        return sampler
+
+    def worker_seed(self) -> int:
+        """Base of the training workers' seeds: ``derive_seed(s, rank)`` with ``s`` the global seed
+        (``seed_everything``, ``PL_GLOBAL_SEED``) or, without one, torch's initial seed. Every rank gets its own
+        (a fresh ``torch.Generator()`` would give every rank, and every global seed, the same worker streams)."""
+        base = os.environ.get("PL_GLOBAL_SEED")
+        return derive_seed(int(base) if base is not None else torch.initial_seed(), self._replicas()[1])
 
     def train_loader_kwargs(self) -> dict:
-        """``DataLoader`` arguments of the training loaders: a private generator, so that creating the iterator
-        (which draws the workers' base seed) leaves the global random state alone."""
-        return {**self._loader_kwargs(), "generator": torch.Generator()}
+        """``DataLoader`` arguments of the training loaders: a private generator seeded with
+        :meth:`worker_seed`, so that creating the iterator (which draws the workers' base seed) leaves the global
+        random state alone and ranks draw different augmentations in their workers."""
+        return {**self._loader_kwargs(), "generator": torch.Generator().manual_seed(self.worker_seed())}
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled (or re-sampled) training batches; an :class:`EpochSeededDataLoader`, so the workers' seeds
+        depend only on ``(global seed, rank, epoch)`` and a resumed run repeats them."""
         dataset = self._require("train_dataset")
         sampler = self.shuffle_sampler(dataset) if self.sampler is None else self.build_sampler()
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **self.train_loader_kwargs())
+        kwargs = self.train_loader_kwargs()
+        return EpochSeededDataLoader(
+            dataset, batch_size=self.batch_size, sampler=sampler, worker_seed=self.worker_seed(), **kwargs
+        )
 
     def eval_sampler(self, dataset: Dataset) -> Optional[Sampler]:
         """The sampler of an evaluation loader: unpadded and sharded under DDP, ``None`` (in order) otherwise.

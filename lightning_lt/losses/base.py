@@ -86,8 +86,34 @@ def as_class_counts(class_counts: Any, owner: str = "the loss", required: bool =
     return counts
 
 
+def check_target_range(target: Tensor, num_classes: int, owner: str = "loss") -> None:
+    """Raise a ``ValueError`` naming the offending labels unless every ``target`` value is in ``[0, num_classes)``.
+
+    Out-of-range labels otherwise fail far from their cause (an index error, a CUDA device-side assert) or, for
+    negative values, not at all: ``weight[-1]`` reads the last class's weight and ``F.cross_entropy`` skips
+    ``-100``. Costs one device synchronisation.
+
+    Example:
+        >>> check_target_range(torch.tensor([0, 3, -1]), 3, "MyLoss")
+        Traceback (most recent call last):
+        ...
+        ValueError: MyLoss got target value(s) -1, 3 outside [0, 3) for 3 classes (2 of 3 samples). HINT: labels must be class indices 0 .. 2; check the data's labels and that the model's `num_classes` (or the length of `class_counts`) is the data module's.
+    """
+    bad = (target < 0) | (target >= num_classes)
+    if bool(bad.any()):
+        values = torch.unique(target[bad]).tolist()
+        shown = ", ".join(str(v) for v in values[:5]) + (f" (and {len(values) - 5} more)" if len(values) > 5 else "")
+        raise ValueError(
+            f"{owner} got target value(s) {shown} outside [0, {num_classes}) for {num_classes} classes "
+            f"({int(bad.sum())} of {target.numel()} samples). HINT: labels must be class indices 0 .. "
+            f"{num_classes - 1}; check the data's labels and that the model's `num_classes` (or the length of "
+            "`class_counts`) is the data module's."
+        )
+
+
 def check_logits_target(logits: Tensor, target: Tensor, num_classes: Optional[int] = None, owner: str = "loss") -> None:
-    """Check that ``logits`` is ``[B, C]``, ``target`` is an integer ``[B]`` and (optionally) ``C == num_classes``."""
+    """Check that ``logits`` is ``[B, C]``, ``target`` is an integer ``[B]`` with values in ``[0, C)`` and
+    (optionally) ``C == num_classes``."""
     if logits.ndim != 2:
         raise ValueError(
             f"{owner} expects `logits` of shape [batch_size, num_classes], got shape {tuple(logits.shape)}. "
@@ -109,6 +135,7 @@ def check_logits_target(logits: Tensor, target: Tensor, num_classes: Optional[in
             f"`class_counts` has {num_classes} entries. The classifier's output size must equal "
             "len(class_counts)."
         )
+    check_target_range(target, logits.shape[1], owner)
 
 
 def check_class_vector(vector: Optional[Tensor], num_classes: int, name: str, owner: str = "loss") -> None:
@@ -183,6 +210,9 @@ class LongTailLoss(nn.Module):
 
     #: Whether ``class_counts=None`` is an error (losses that use the class priors).
     requires_class_counts: bool = False
+    #: Whether the loss scores each class with its own sigmoid (one-vs-rest) rather than a softmax: a linear
+    #: classifier then starts best from the bias ``-log(C - 1)`` (``LongTailClassifier(head_bias_init="auto")``).
+    sigmoid_outputs: bool = False
 
     class_counts: Tensor
     log_prior: Tensor

@@ -142,6 +142,11 @@ class ClassBalancedLoss(LongTailLoss):
     authors' code does. Weights from :meth:`set_class_weights` multiply on top (and then
     ``mean = sum_i w_{y_i} l_i / sum_i w_{y_i}``).
 
+    For ``"sigmoid"`` and ``"focal"`` the authors start the classifier's bias at ``-log(C - 1)``, so that
+    every sigmoid starts at ``1 / C`` (:attr:`sigmoid_outputs` is ``True``; ``LongTailClassifier`` does it with
+    ``head_bias_init="auto"`` or ``"sigmoid_prior"``). With a bias near 0 the initial loss is about
+    ``C log 2`` (69 for ``C = 100``) instead of about ``log C + 1``.
+
     Args:
         class_counts: training samples per class (required, all ``> 0``).
         beta: in ``[0, 1)``; ``0`` gives the unweighted loss.
@@ -180,6 +185,11 @@ class ClassBalancedLoss(LongTailLoss):
         self.loss_type = loss_type
         self.gamma = float(gamma)
         self.register_buffer("cb_weight", class_balanced_weights(class_counts, self.beta))
+
+    @property
+    def sigmoid_outputs(self) -> bool:  # type: ignore[override]
+        """``True`` for ``loss_type`` ``"sigmoid"`` and ``"focal"`` (one sigmoid per class)."""
+        return self.loss_type in ("sigmoid", "focal")
 
     def _compute(self, logits: Tensor, target: Tensor) -> Tensor:
         return class_balanced_loss(

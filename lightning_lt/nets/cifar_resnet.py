@@ -79,9 +79,13 @@ class CIFARResNet(nn.Module):
 
     ``conv3x3(3 -> w) -> BN -> ReLU -> 3 stages of n BasicBlocks with w, 2w, 4w channels (strides 1, 2, 2)
     -> global average pool``, ``depth = 6n + 2``, option-A (zero-padding) shortcuts, ``kaiming_normal_``
-    initialisation of every ``Conv2d`` / ``Linear`` weight (BatchNorm: weight 1, bias 0). With ``depth=32`` and
+    initialisation of every ``Conv2d`` weight (BatchNorm: weight 1, bias 0). With ``depth=32`` and
     ``width=16`` this is the ResNet-32 of LDAM-DRW without its classifier (0.46M parameters); attach a head
-    (:func:`~lightning_lt.nets.heads.build_head`) on ``num_features = 4 * width`` features.
+    (:func:`~lightning_lt.nets.heads.build_head`) on ``num_features = 4 * width`` features. LDAM-DRW's
+    ``_weights_init`` also gives its ``nn.Linear`` classifier ``kaiming_normal_`` weights (the bias keeps
+    PyTorch's default; its ``NormedLinear`` is not an ``nn.Linear`` and keeps its own init): the class attribute
+    ``head_init = "kaiming_normal"`` tells :class:`~lightning_lt.tasks.LongTailClassifier` (``head_init="auto"``)
+    to do the same.
 
     Args:
         depth: total depth ``6n + 2`` (20, 32, 44, 56, 110, ...).
@@ -96,6 +100,10 @@ class CIFARResNet(nn.Module):
         >>> net.num_features, tuple(net(torch.zeros(2, 3, 32, 32)).shape)
         (64, (2, 64))
     """
+
+    #: Weight init of a linear classifier on these features (LDAM-DRW's ``_weights_init``), read by
+    #: :class:`~lightning_lt.tasks.LongTailClassifier` with ``head_init="auto"``.
+    head_init = "kaiming_normal"
 
     def __init__(self, depth: int = 32, width: int = 16) -> None:
         super().__init__()
@@ -114,7 +122,7 @@ class CIFARResNet(nn.Module):
         self.layer3 = self._make_stage(2 * width, 4 * width, n, stride=2)
         self.num_features = 4 * width
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
 
     @staticmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Optional, Union
@@ -9,17 +10,30 @@ from typing import Any, Literal, Optional, Union
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from lightning_lt.losses import CrossEntropyLoss, LongTailLoss
+from lightning_lt.losses import BalancedSoftmaxLoss, CrossEntropyLoss, LDAMLoss, LogitAdjustedLoss, LongTailLoss
+from lightning_lt.losses.base import check_target_range
 from lightning_lt.metrics import LongTailAccuracy, shot_groups
 from lightning_lt.nets import build_head
-from lightning_lt.tasks.base import TaskModule, check_class_info, safe_metric_key
+from lightning_lt.nets.heads import HEAD_BIAS_INITS, HEAD_INITS
+from lightning_lt.tasks.base import TaskModule, check_class_info, check_saved, resolve_factory, safe_metric_key
 from lightning_lt.tasks.plotting import log_figure, per_class_accuracy_figure
 
 #: A loss is given as a factory called with the training class counts, e.g. the class
 #: ``lightning_lt.losses.LDAMLoss`` or ``functools.partial(LDAMLoss, max_m=0.5)``. In a config it is
 #: written as ``class_path`` + ``init_args`` without ``class_counts`` (the data module provides them).
 LossFactory = Callable[[Optional[Sequence[int]]], nn.Module]
+
+HEADS = ("linear", "cosine", "none")
+
+#: What each factory argument builds: a checkpoint saved in plain Python records a class or
+#: ``functools.partial`` of one as ``class_path`` / ``init_args`` and rebuilds only these types from it.
+FACTORY_TYPES: dict[str, tuple[type, ...]] = {
+    "loss": (nn.Module,),
+    "optimizer": (torch.optim.Optimizer,),
+    "lr_scheduler": (LRScheduler, ReduceLROnPlateau),
+}
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -43,20 +57,41 @@ class LongTailClassifier(TaskModule):
         class_counts: training images per class (linked from the data module by the CLI). Needed by
             prior-based losses, the many/medium/few split and post-hoc logit adjustment.
         class_names: optional class names for per-class logging (linked by the CLI).
-        loss: factory called as ``loss(class_counts)`` returning the criterion.
-        head: ``"linear"``, ``"cosine"`` (normalised classifier, for LDAM) or ``"none"``.
+        loss: factory called as ``loss(class_counts)`` returning the criterion: a class or a
+            ``functools.partial`` (not an instance: the counts are only known here).
+        head: ``"linear"``, ``"cosine"`` (normalised classifier; ``LDAMLoss`` with ``s != 1`` requires it) or
+            ``"none"``.
+        head_init: weight init of the linear head: ``"default"`` (PyTorch's), ``"kaiming_normal"``, or
+            ``"auto"``: the backbone's ``head_init`` attribute if it has one (``CIFARResNet``:
+            ``"kaiming_normal"``, as LDAM-DRW's ResNet-32 initialises its classifier), else ``"default"``.
+        head_bias_init: bias of the linear head: ``"default"`` (PyTorch's), ``"zero"``, ``"sigmoid_prior"``
+            (``-log(C - 1)``, every sigmoid starts at ``1 / C``: the initialisation of Cui et al. for the
+            class-balanced sigmoid / focal loss; :func:`~lightning_lt.nets.heads.sigmoid_prior_bias`), or
+            ``"auto"``: ``"sigmoid_prior"`` when the loss scores classes with sigmoids
+            (``loss.sigmoid_outputs``, e.g. ``ClassBalancedLoss(loss_type="focal")``), else ``"default"``.
         optimizer: factory called with the parameters.
         lr_scheduler: optional factory called with the optimizer; stepped every epoch
             (``lr_scheduler_interval="epoch"``) or every optimizer step (``"step"``).
         posthoc_tau: if set, evaluation uses ``logits - posthoc_tau * log(prior)`` (post-hoc logit
-            adjustment, Menon et al.); training is unchanged.
+            adjustment, Menon et al.); training is unchanged. Refused with ``LogitAdjustedLoss`` and
+            ``BalancedSoftmaxLoss``, whose raw logits are already adjusted.
         many_threshold / few_threshold: shot-group thresholds (OLTR convention: 100 / 20).
         log_per_class: log one accuracy scalar per class.
         plot_per_class: log the per-class accuracy figure at the end of each validation epoch.
 
+    A checkpoint saved in plain Python (not by the CLI, whose checkpoints hold the config) records ``loss``,
+    ``optimizer`` and ``lr_scheduler`` given as a class or a ``functools.partial`` of one with plain keyword
+    arguments as ``class_path`` / ``init_args``, so ``LongTailClassifier.load_from_checkpoint(path)`` rebuilds
+    them; for the backbone and any other object it raises naming the argument to pass
+    (``load_from_checkpoint(path, backbone=...)``) instead of silently using a default.
+
     Raises:
-        ValueError: if ``class_counts`` does not have ``num_classes`` entries, if post-hoc adjustment is
-            asked for without class counts, or if the backbone has no ``num_features``.
+        ValueError: if ``class_counts`` does not have ``num_classes`` entries; ``head`` / ``head_init`` /
+            ``head_bias_init`` is unknown; the backbone has no ``num_features``; ``loss`` (or ``optimizer`` /
+            ``lr_scheduler``) is an instance instead of a factory; post-hoc adjustment is asked for without
+            class counts or together with a loss that already adjusts the logits (``LogitAdjustedLoss``,
+            ``BalancedSoftmaxLoss``); ``LDAMLoss`` (scale ``s != 1``) is paired with a linear head; or a
+            checkpoint argument cannot be rebuilt.
     """
 
     def __init__(
@@ -67,6 +102,8 @@ class LongTailClassifier(TaskModule):
         class_names: Optional[Sequence[str]] = None,
         loss: LossFactory = CrossEntropyLoss,
         head: Literal["linear", "cosine", "none"] = "linear",
+        head_init: Literal["auto", "default", "kaiming_normal"] = "auto",
+        head_bias_init: Literal["auto", "default", "zero", "sigmoid_prior"] = "auto",
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -77,19 +114,33 @@ class LongTailClassifier(TaskModule):
         plot_per_class: bool = True,
     ) -> None:
         super().__init__()
+        owner = type(self).__name__
         class_counts, names = check_class_info(num_classes, class_counts, class_names)
+        _check_choice(head, "head", HEADS)
+        _check_choice(head_init, "head_init", ("auto", *HEAD_INITS))
+        _check_choice(head_bias_init, "head_bias_init", ("auto", *HEAD_BIAS_INITS))
+        backbone = check_saved(backbone, "backbone", owner)
+        loss = resolve_factory(loss, "loss", owner, FACTORY_TYPES["loss"], "functools.partial(LDAMLoss, max_m=0.5)")
+        optimizer = resolve_factory(
+            optimizer, "optimizer", owner, FACTORY_TYPES["optimizer"], "functools.partial(torch.optim.SGD, lr=0.1)"
+        )
+        lr_scheduler = resolve_factory(
+            lr_scheduler, "lr_scheduler", owner, FACTORY_TYPES["lr_scheduler"],
+            "functools.partial(torch.optim.lr_scheduler.StepLR, step_size=30)",
+        )  # fmt: skip
         if posthoc_tau is not None and class_counts is None:
             raise ValueError(
                 f"`posthoc_tau={posthoc_tau}` needs `class_counts` for the class prior. HINT: use the "
                 "`lightning-lt` CLI (it links them from the data module) or pass `class_counts`."
             )
-        self.save_config_hyperparameters(("backbone", "loss", "optimizer", "lr_scheduler"))
+        self.save_config_hyperparameters(("backbone", "loss", "optimizer", "lr_scheduler"), FACTORY_TYPES)
         self.num_classes = num_classes
         self.class_counts = class_counts
         self.class_names = names
         self.backbone = backbone
-        self.head = self._build_head(backbone, head, num_classes)
         self.loss = loss(class_counts)
+        _check_loss_and_head(self.loss, head, posthoc_tau)
+        self.head = self._build_head(backbone, head, num_classes, head_init, head_bias_init, self.loss)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
@@ -112,7 +163,9 @@ class LongTailClassifier(TaskModule):
         self.test_metric = LongTailAccuracy(metric_counts, many_threshold, few_threshold)
 
     @staticmethod
-    def _build_head(backbone: nn.Module, head: str, num_classes: int) -> nn.Module:
+    def _build_head(
+        backbone: nn.Module, head: str, num_classes: int, init: str, bias_init: str, loss: nn.Module
+    ) -> nn.Module:
         if head == "none":
             return nn.Identity()
         num_features = getattr(backbone, "num_features", None)
@@ -123,7 +176,11 @@ class LongTailClassifier(TaskModule):
                 "`backbone.num_features` to its feature size, or use `head='none'` with a backbone that "
                 "returns logits."
             )
-        return build_head(head, num_features, num_classes)
+        if init == "auto":  # the cosine head has its own init and ignores this
+            init = getattr(backbone, "head_init", "default")
+        if bias_init == "auto":  # the cosine head has no bias
+            bias_init = "sigmoid_prior" if head == "linear" and getattr(loss, "sigmoid_outputs", False) else "default"
+        return build_head(head, num_features, num_classes, init=init, bias_init=bias_init)
 
     # ----------------------------------------------------------------------------------------- model
     def forward(self, x: Tensor) -> Tensor:
@@ -142,6 +199,7 @@ class LongTailClassifier(TaskModule):
         (``{"loss", "per_sample_loss", "target"}``, the protocol of the ImbSAM / SSE-SAM callbacks)."""
         x, y = batch
         logits = self(x)
+        self._check_target(y)
         if isinstance(self.loss, LongTailLoss) and self.loss.reduction == "mean":
             per_sample = self.loss.per_sample_loss(logits, y)
             loss = per_sample.mean()
@@ -151,6 +209,11 @@ class LongTailClassifier(TaskModule):
             output = loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0])
         return output
+
+    def _check_target(self, target: Tensor) -> None:
+        """Labels outside ``[0, num_classes)`` raise (the lightning_lt losses check them themselves)."""
+        if not isinstance(self.loss, LongTailLoss):
+            check_target_range(target, self.num_classes, type(self).__name__)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metric)
@@ -166,6 +229,7 @@ class LongTailClassifier(TaskModule):
     def _eval_step(self, batch: Any, stage: str, metric: LongTailAccuracy) -> None:
         x, y = batch
         logits = self(x)
+        self._check_target(y)
         self.update_eval_loss(stage, self.loss(logits, y), y.shape[0])
         metric.update(self.eval_logits(logits), y)
 
@@ -208,11 +272,36 @@ class LongTailClassifier(TaskModule):
         return per_class
 
 
+def _check_choice(value: Any, name: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value).lower(), choices, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown `{name}` {value!r} of LongTailClassifier: expected one of {tuple(choices)}.{hint}")
+
+
+def _check_loss_and_head(loss: nn.Module, head: str, posthoc_tau: Optional[float]) -> None:
+    """Refuse the combinations that train or evaluate silently wrong."""
+    if isinstance(loss, LDAMLoss) and head == "linear" and loss.s != 1.0:
+        raise ValueError(
+            f"LDAMLoss multiplies the logits by s={loss.s} and subtracts margins up to {loss.max_m}, which assumes "
+            "cosine logits in [-1, 1]; on a linear head's unbounded logits it trains to chance accuracy. HINT: "
+            "use `head='cosine'` (the normalised classifier of LDAM-DRW), or `LDAMLoss(s=1.0)` to keep a linear "
+            "head."
+        )
+    if posthoc_tau is not None and isinstance(loss, (LogitAdjustedLoss, BalancedSoftmaxLoss)):
+        raise ValueError(
+            f"`posthoc_tau={posthoc_tau}` with {type(loss).__name__} adjusts the logits twice: the loss already "
+            "trains `f + tau * log(prior)`, so its raw logits are the balanced prediction, and post-hoc "
+            "adjustment would subtract `tau * log(prior)` once more. HINT: drop `posthoc_tau` (predict with the "
+            "raw logits), or train with `CrossEntropyLoss` to adjust post hoc."
+        )
+
+
 def shot_group_sizes(class_counts: Sequence[int], many_threshold: int = 100, few_threshold: int = 20) -> dict[str, int]:
     """Number of classes in each shot group (for summaries)."""
     groups = shot_groups(class_counts, many_threshold, few_threshold)
     return {name: int((groups == i).sum()) for i, name in enumerate(("many", "medium", "few"))}
 
 
-__all__ = ["LongTailClassifier", "LossFactory", "default_optimizer", "shot_group_sizes"]
+__all__ = ["FACTORY_TYPES", "HEADS", "LongTailClassifier", "LossFactory", "default_optimizer", "shot_group_sizes"]
 

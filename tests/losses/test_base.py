@@ -253,6 +253,22 @@ def test_bad_shapes_and_target_dtype(name):
         loss(logits, target.float())
 
 
+@pytest.mark.parametrize("name", LOSSES)
+def test_target_out_of_range_names_values_and_class_count(name):
+    """Before, 5 raised an index error far from its cause and -1 silently read the last class's weight / prior."""
+    loss = LOSSES[name](COUNTS)
+    loss.set_class_weights(torch.ones(5))
+    logits, target = random_batch(num_classes=5)
+    for bad, shown in ((5, "5"), (-1, "-1"), (-100, "-100")):
+        target = target.clone()
+        target[3] = bad
+        with pytest.raises(ValueError, match=rf"{type(loss).__name__} got target value\(s\) {shown} outside "
+                                             r"\[0, 5\) for 5 classes \(1 of 16 samples\)\. HINT: labels must be"):
+            loss(logits, target)
+        with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+            loss.per_sample_loss(logits, target)
+
+
 @pytest.mark.parametrize("cls", ALL_CLASSES)
 def test_bad_reduction(cls):
     with pytest.raises(ValueError, match=r"`reduction` to be one of .*got 'avg'"):

@@ -142,6 +142,15 @@ def test_kaiming_normal_init():
             assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
 
 
+def test_linear_head_init_follows_ldam_drw():
+    """LDAM-DRW's `_weights_init` covers the `nn.Linear` classifier too: the backbone asks for the same init."""
+    net = resnet32()
+    assert net.head_init == "kaiming_normal"
+    torch.manual_seed(0)
+    head = build_head("linear", net.num_features, 1000, init=net.head_init)
+    assert head.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.02)
+
+
 @pytest.mark.parametrize("depth", [31, 30, 10, 2, 0, -4, 32.0, True])
 def test_depth_not_6n_plus_2(depth):
     with pytest.raises(ValueError, match="6n \\+ 2"):

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lightning_lt.nets import CosineClassifier, build_head
+from lightning_lt.nets.heads import sigmoid_prior_bias
 
 
 def test_cosine_classifier_matches_hand_computation():
@@ -69,13 +70,36 @@ def test_build_head():
     assert kaiming.weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.02)
 
 
+@pytest.mark.parametrize("num_classes", [2, 10, 100])
+def test_sigmoid_prior_bias_gives_one_over_c(num_classes):
+    """Cui et al.'s `-log(C - 1)`: every class's sigmoid starts at 1 / C."""
+    bias = sigmoid_prior_bias(num_classes)
+    assert bias == pytest.approx(-math.log(num_classes - 1))
+    assert torch.sigmoid(torch.tensor(bias, dtype=torch.float64)).item() == pytest.approx(1 / num_classes)
+    head = build_head("linear", 16, num_classes, bias_init="sigmoid_prior")
+    torch.testing.assert_close(head.bias.detach(), torch.full((num_classes,), bias))
+    with pytest.raises(ValueError, match="num_classes"):
+        sigmoid_prior_bias(1)
+
+
+def test_build_head_bias_inits():
+    torch.manual_seed(0)
+    assert torch.equal(build_head("linear", 16, 5, bias_init="zero").bias.detach(), torch.zeros(5))
+    default = build_head("linear", 16, 5).bias.detach()
+    assert default.abs().max() <= 1 / 4 and default.std() > 0  # PyTorch's uniform(-1/sqrt(16), 1/sqrt(16))
+    kaiming = build_head("linear", 16, 5, init="kaiming_normal", bias_init="sigmoid_prior")
+    assert kaiming.bias.detach().allclose(torch.full((5,), -math.log(4)))
+
+
 @pytest.mark.parametrize(
     ("args", "match"),
     [
-        (("softmax", 64, 10), "kind"),
+        (("softmax", 64, 10), r"`kind` to be one of \('linear', 'cosine'\)"),
         (("linear", 0, 10), "in_features"),
         (("cosine", 64, -1), "num_classes"),
         (("linear", 64, 10, "xavier"), "init"),
+        (("linear", 64, 10, "default", "prior"), r"`bias_init` to be one of \('default', 'zero', 'sigmoid_prior'\)"),
+        (("cosine", 64, 10, "default", "sigmoid_prior"), "cosine head has no bias"),
     ],
 )
 def test_build_head_errors(args, match):

@@ -14,8 +14,15 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 
 from lightning_lt.datamodules import DigitsLT
-from lightning_lt.losses import CrossEntropyLoss, LDAMLoss, LogitAdjustedLoss
-from lightning_lt.nets import MLP
+from lightning_lt.losses import (
+    BalancedSoftmaxLoss,
+    ClassBalancedLoss,
+    CrossEntropyLoss,
+    FocalLoss,
+    LDAMLoss,
+    LogitAdjustedLoss,
+)
+from lightning_lt.nets import MLP, CIFARResNet
 from lightning_lt.tasks import LongTailClassifier
 from lightning_lt.tasks.plotting import figure_to_array, log_figure, per_class_accuracy_figure
 from tests.helpers import DDP_STRATEGY
@@ -94,6 +101,90 @@ def test_posthoc_adjustment_subtracts_tau_log_prior():
 def test_posthoc_adjustment_needs_counts():
     with pytest.raises(ValueError, match="posthoc_tau"):
         make_model(class_counts=None, posthoc_tau=1.0)
+
+
+# ----------------------------------------------------------------------------------- head initialisation
+def test_cifar_resnet_linear_head_gets_ldam_drw_init():
+    """LDAM-DRW's `_weights_init` gives the classifier `kaiming_normal_` weights; the bias keeps PyTorch's init."""
+    torch.manual_seed(0)
+    model = make_model(backbone=CIFARResNet(depth=8, width=16), num_classes=100, class_counts=None)
+    weight, bias = model.head.weight.detach(), model.head.bias.detach()
+    assert weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.05)
+    assert bias.abs().max() <= 1 / 8 and bias.std() > 0  # uniform(-1/sqrt(64), 1/sqrt(64))
+    plain = make_model(backbone=CIFARResNet(depth=8, width=16), head_init="default")
+    assert plain.head.weight.abs().max() <= 1 / 8  # PyTorch's uniform init when asked for
+    assert make_model().head.weight.abs().max() <= 1 / math.sqrt(32)  # the MLP has no preference: default
+
+
+@pytest.mark.parametrize(
+    ("loss", "head_bias_init", "expected"),
+    [
+        (functools.partial(ClassBalancedLoss, loss_type="focal"), "auto", -math.log(9)),
+        (functools.partial(ClassBalancedLoss, loss_type="sigmoid"), "auto", -math.log(9)),
+        (CrossEntropyLoss, "sigmoid_prior", -math.log(9)),
+        (functools.partial(ClassBalancedLoss, loss_type="focal"), "zero", 0.0),
+    ],
+)
+def test_head_bias_init(loss, head_bias_init, expected):
+    model = make_model(loss=loss, head_bias_init=head_bias_init)
+    torch.testing.assert_close(model.head.bias.detach(), torch.full((10,), expected))
+    assert model.hparams.head_bias_init == head_bias_init
+
+
+def test_head_bias_init_needs_a_bias():
+    with pytest.raises(ValueError, match="cosine head has no bias.*HINT: use a linear head"):
+        make_model(head="cosine", head_bias_init="sigmoid_prior")
+
+
+# ------------------------------------------------------------------------------------ traps made errors
+@pytest.mark.parametrize(("head", "match"), [("Linear", "Did you mean 'linear'"), ("mlp", "'linear', 'cosine', 'none'")])
+def test_head_typo_lists_the_valid_names(head, match):
+    with pytest.raises(ValueError, match=rf"Unknown `head` {head!r}.*{match}"):
+        make_model(head=head)
+    with pytest.raises(ValueError, match=r"Unknown `head_bias_init` 'prior'.*'sigmoid_prior'"):
+        make_model(head_bias_init="prior")
+
+
+def test_ldam_with_a_linear_head_is_refused():
+    """LDAM's s = 30 on unbounded linear logits trains to chance (0.10 vs 0.73 with the cosine head)."""
+    with pytest.raises(ValueError, match=r"LDAMLoss multiplies the logits by s=30.0.*HINT: use `head='cosine'`"):
+        make_model(loss=LDAMLoss, head="linear")
+    assert isinstance(make_model(loss=LDAMLoss, head="cosine").loss, LDAMLoss)
+    assert isinstance(make_model(loss=functools.partial(LDAMLoss, s=1.0), head="linear").loss, LDAMLoss)
+
+
+@pytest.mark.parametrize("loss", [LogitAdjustedLoss, BalancedSoftmaxLoss])
+def test_posthoc_adjustment_of_a_logit_adjusted_loss_is_refused(loss):
+    with pytest.raises(ValueError, match=r"adjusts the logits twice.*HINT: drop `posthoc_tau`.*CrossEntropyLoss"):
+        make_model(loss=loss, posthoc_tau=1.0)
+    assert make_model(loss=loss).posthoc_tau is None
+
+
+def test_loss_instance_instead_of_factory_is_refused():
+    with pytest.raises(ValueError, match=r"`loss` .* must be a factory .* got an instance of LDAMLoss.*functools.partial"):
+        make_model(loss=LDAMLoss(COUNTS), head="cosine")
+    with pytest.raises(ValueError, match=r"`optimizer` .* must be a factory .* got an instance of SGD"):
+        make_model(optimizer=torch.optim.SGD(nn.Linear(1, 1).parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("loss", [CrossEntropyLoss, lambda counts: nn.CrossEntropyLoss()])
+def test_target_out_of_range_names_value_and_classes(loss):
+    model = make_model(loss=loss)
+    x = torch.randn(4, 1, 8, 8)
+    for labels, shown in (([0, 12, 3, 12], "12"), ([0, -1, 3, 2], "-1")):
+        with pytest.raises(ValueError, match=rf"target value\(s\) {shown} outside \[0, 10\) for 10 classes.*HINT"):
+            model.training_step((x, torch.tensor(labels)), 0)
+        with pytest.raises(ValueError, match=rf"target value\(s\) {shown} outside \[0, 10\)"):
+            model.validation_step((x, torch.tensor(labels)), 0)
+
+
+def test_loss_config_dict_in_python():
+    model = make_model(loss={"class_path": "lightning_lt.losses.FocalLoss", "init_args": {"gamma": 3.0}})
+    assert isinstance(model.loss, FocalLoss) and model.loss.gamma == 3.0
+    with pytest.raises(ValueError, match=r"names 'os.system', which is not a subclass of Module.*HINT: pass `loss=`"):
+        make_model(loss={"class_path": "os.system", "init_args": {"command": "true"}})
+    with pytest.raises(ValueError, match=r"'lightning_lt.losses.NoSuchLoss', which cannot be imported"):
+        make_model(loss={"class_path": "lightning_lt.losses.NoSuchLoss"})
 
 
 # ------------------------------------------------------------------------------------ logged metrics
@@ -221,6 +312,46 @@ def test_checkpoint_round_trip(tmp_path):
     model.eval(), restored.eval()
     torch.testing.assert_close(restored(x), model(x))
     assert restored.class_counts == COUNTS
+
+
+def fit_and_checkpoint(tmp_path, **kwargs) -> tuple[LongTailClassifier, str]:
+    model = make_model(**kwargs)
+    checkpoint = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    make_trainer(tmp_path, max_epochs=1, enable_checkpointing=True, callbacks=[checkpoint]).fit(model, DigitsLT())
+    return model, checkpoint.last_model_path
+
+
+def test_checkpoint_from_python_rebuilds_the_same_loss_and_optimizer(tmp_path):
+    """Factories given as a class or functools.partial are saved as `class_path` / `init_args`; before, they were
+    dropped and `load_from_checkpoint` silently built the default CrossEntropyLoss (same buffers as a
+    LogitAdjustedLoss, so the state dict loaded without complaint)."""
+    model, path = fit_and_checkpoint(
+        tmp_path, loss=functools.partial(LogitAdjustedLoss, tau=0.5),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+    )  # fmt: skip
+    assert model.hparams.loss == {
+        "class_path": "lightning_lt.losses.logit_adjusted.LogitAdjustedLoss", "init_args": {"tau": 0.5}
+    }
+    restored = LongTailClassifier.load_from_checkpoint(path, backbone=MLP(64, (32,)))
+    assert isinstance(restored.loss, LogitAdjustedLoss) and restored.loss.tau == 0.5
+    optimizer = restored.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["lr"] == 0.05
+    x = torch.randn(4, 1, 8, 8)
+    model.eval(), restored.eval()
+    torch.testing.assert_close(restored(x), model(x))
+
+
+def test_checkpoint_from_python_names_what_it_cannot_rebuild(tmp_path):
+    _, path = fit_and_checkpoint(tmp_path, loss=lambda counts: FocalLoss(counts, gamma=3.0))
+    with pytest.raises(ValueError, match=r"`backbone` of LongTailClassifier was not saved in the checkpoint: .* "
+                                         r"an instance of MLP.*load_from_checkpoint\(path, backbone=...\)"):
+        LongTailClassifier.load_from_checkpoint(path)
+    with pytest.raises(ValueError, match=r"`loss` of LongTailClassifier was not saved .* a lambda.*loss=\.\.\."):
+        LongTailClassifier.load_from_checkpoint(path, backbone=MLP(64, (32,)))
+    restored = LongTailClassifier.load_from_checkpoint(
+        path, backbone=MLP(64, (32,)), loss=functools.partial(FocalLoss, gamma=3.0)
+    )
+    assert isinstance(restored.loss, FocalLoss) and restored.loss.gamma == 3.0
 
 
 @pytest.mark.ddp
