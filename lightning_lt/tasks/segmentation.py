@@ -168,7 +168,8 @@ class SegmentationModule(TaskModule):
         self.net = net if isinstance(net, nn.Module) else net(num_classes)
         if aux_weight < 0:
             raise ValueError(f"Expected `aux_weight` >= 0, got {aux_weight}")
-        if aux_weight == 0 and _has_aux_head(self.net):
+        self.has_aux_head = _has_aux_head(self.net)
+        if aux_weight == 0 and self.has_aux_head:
             raise ValueError(
                 "The network has an auxiliary head but `aux_weight` is 0, so the head would never be trained. "
                 "HINT: set `aux_weight` > 0 (torchvision's reference: 0.5), or build the network without it "
@@ -276,12 +277,14 @@ class SegmentationModule(TaskModule):
 
     def _train_logits(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Optional[Tensor]]:
         """Main and auxiliary logits at label resolution (``None`` without an auxiliary head)."""
+        if not self.has_aux_head:
+            return self._logits(images, masks), None
         forward_with_aux = getattr(self.net, "forward_with_aux", None)
         if callable(forward_with_aux):
             out, aux = forward_with_aux(images)
-        else:
-            out = self.net(images)
-            out, aux = (out["out"], out.get("aux")) if isinstance(out, dict) else (out, None)
+        else:  # a torchvision model: {"out": ..., "aux": ...}
+            result = self.net(images)
+            out, aux = result["out"], result.get("aux")
         return self._to_label_size(out, masks), None if aux is None else self._to_label_size(aux, masks)
 
     def _cross_entropy(self, logits: Tensor, masks: Tensor) -> Tensor:

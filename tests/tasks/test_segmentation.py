@@ -216,6 +216,26 @@ def test_auxiliary_head_is_trained_with_weight_half(tmp_path):
     assert any(k.endswith("weight") and "running" not in k for k in changed)  # trained, not just BN statistics
 
 
+def test_auxiliary_head_of_a_plain_torchvision_model():
+    """A torchvision model given as an instance returns {"out", "aux"}: its auxiliary logits are trained too."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True
+    ).eval()
+    module = SegmentationModule(net, num_classes=NUM_CLASSES, ignore_index=IGNORE, aux_weight=0.4)
+    images, masks = toy_segmentation(2)
+    logits, aux = module._train_logits(images, masks)
+    losses = module.compute_losses(logits, masks, aux)
+    out = net(images)
+    expected_aux = F.cross_entropy(out["aux"], masks, ignore_index=IGNORE)
+    torch.testing.assert_close(losses["loss_aux"], expected_aux)
+    torch.testing.assert_close(losses["loss"], F.cross_entropy(out["out"], masks, ignore_index=IGNORE) + 0.4 * expected_aux)
+    with pytest.raises(ValueError, match="auxiliary head but `aux_weight` is 0"):
+        SegmentationModule(net, num_classes=NUM_CLASSES, aux_weight=0.0)
+
+
 def test_auxiliary_head_with_zero_weight_is_an_error():
     with pytest.raises(ValueError, match=r"auxiliary head but `aux_weight` is 0.*HINT: set `aux_weight` > 0 .*`aux_loss=False`"):
         SegmentationModule(aux_net, num_classes=NUM_CLASSES, aux_weight=0.0)
