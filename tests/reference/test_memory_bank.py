@@ -229,7 +229,7 @@ TAIL = [2, 3, 5, 6, 7]  # ids < 8, so the reference's set iterates them in ascen
 def random_frame(g: torch.Generator, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A float32 image and a label of head classes 0/1/4 with 0-2 rectangles of tail classes and ignored pixels."""
     image = torch.randn(3, height, width, generator=g)
-    label = torch.randint(0, 2, (height, width), generator=g) * 4 + (torch.rand(height, width, generator=g) < 0.3)
+    label = torch.tensor([0, 1, 4])[torch.randint(0, 3, (height, width), generator=g)]
     for _ in range(int(torch.randint(0, 3, (1,), generator=g))):
         c = TAIL[int(torch.randint(len(TAIL), (1,), generator=g))]
         h, w = (int(torch.randint(1, max(2, n // 2), (1,), generator=g)) for n in (height, width))
