@@ -8,7 +8,8 @@ evaluated on the test split (233 images) at the same size. Rows:
 * ``CE``: cross-entropy;
 * ``CE+AUC``: CE + 1.0 * PixelAUCLoss (square surrogate, one-vs-one, gamma 1), AUCSeg's loss;
 * ``CE+AUC+TMB``: the same plus :class:`~lightning_lt.callbacks.TailMemoryBank` (5 entries per tail class,
-  p_sample 1, p_resize 1, AUCSeg's road-scene setting).
+  p_sample 1, p_resize 1, AUCSeg's road-scene setting, AUCSeg's placement: with p_resize 1 on fixed-size
+  crops an object is pasted where it was in its own image).
 
 Tail classes (head/tail mIoU and the memory bank): Pole, SignSymbol, Fence, Pedestrian, Bicyclist (ids 2,
 6, 7, 9, 10), the five classes with under 1.3% of the training pixels (``pixel_tail_classes(counts, 0.5)``).
@@ -20,11 +21,16 @@ bank / the rest of the step: robust to machine noise) and ``step_ratio_to_ce_auc
 
     python benchmarks/camvid.py                      # about 25 minutes on 2 CPU cores
     python benchmarks/camvid.py --epochs 2 --name camvid-smoke
+    python benchmarks/camvid.py --methods CE+AUC+TMB --keep-rows --note "why the row was re-run"
+
+``--keep-rows`` keeps the rows of the methods not run from the existing ``results/<name>.json`` (whose
+setup must be the same), so that one row can be re-run; ``--note`` adds a line to the markdown note.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import statistics
 import sys
@@ -147,6 +153,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="/tmp/lightning_lt_camvid_bench")
     parser.add_argument("--name", default="camvid")
+    parser.add_argument("--keep-rows", action="store_true", help="keep the other methods' rows of the existing results")
+    parser.add_argument("--note", action="append", default=[], help="a line added to the markdown note")
     args = parser.parse_args()
     if not Path(args.root).exists():
         parser.error(f"CamVid not found at {args.root}; pass --root (SegNet layout)")
@@ -155,6 +163,10 @@ def main() -> None:
     warnings.filterwarnings("ignore")
 
     rows = [run(method, args) for method in args.methods]
+    if args.keep_rows and (RESULTS_DIR / f"{args.name}.json").exists():
+        kept = json.loads((RESULTS_DIR / f"{args.name}.json").read_text())["rows"]
+        new = {row["name"]: row for row in rows}
+        rows = [new.pop(row["name"], row) for row in kept] + list(new.values())
     by_name = {row["name"]: row for row in rows}
     if "CE+AUC" in by_name and "CE+AUC+TMB" in by_name:
         by_name["CE+AUC+TMB"]["step_ratio_to_ce_auc"] = by_name["CE+AUC+TMB"]["step_s"] / by_name["CE+AUC"]["step_s"]
@@ -168,7 +180,7 @@ def main() -> None:
         "augmentation": "random scale 0.75-1.5, crop, hflip",
         "tail_classes": "Pole, SignSymbol, Fence, Pedestrian, Bicyclist (pixel share < 0.5/11)",
         "auc": "square surrogate, one-vs-one, gamma 1, lambda 1",
-        "tmb": "memory_size 5, p_sample 1, p_resize 1",
+        "tmb": "memory_size 5, p_sample 1, p_resize 1, placement reference (AUCSeg)",
         "seed": args.seed,
         **environment(),
     }
@@ -176,6 +188,7 @@ def main() -> None:
         "miou / miou_head / miou_tail / pixel_acc: test split, final epoch. step_s: median training step "
         "(memory bank included). tmb_overhead: time in the memory bank / rest of the step, measured inside the "
         "CE+AUC+TMB run; step_ratio_to_ce_auc compares step_s across runs (noisier).",
+        *args.note,
     ]
     print(write_results(args.name, setup, rows, COLUMNS, notes, results_dir=RESULTS_DIR))
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Optional
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -18,30 +17,68 @@ from lightning_lt.metrics.segmentation import pixel_tail_classes, validate_tail_
 
 __all__ = ["TailMemoryBank", "split_segmentation_batch"]
 
-#: One stored entry: the bounding-box crop of a tail class in a training image, ``[3, h, w]``, and the
-#: boolean mask of that class's pixels inside the crop, ``[h, w]``.
-Entry = tuple[Tensor, Tensor]
+Placement = Literal["reference", "random_box"]
+_PLACEMENTS = ("reference", "random_box")
+
+
+class Entry(NamedTuple):
+    """One stored object of a tail class, already resized by ``p_resize``.
+
+    ``pixels`` ``[C, h, w]`` and ``mask`` ``[h, w]`` (the class's pixels) cover the class's bounding box in
+    the resized frame, which sits at ``(top, left)`` of the resized frame of size
+    ``(frame_height, frame_width)``. An object that the resize leaves without a pixel has ``h = w = 0``.
+    """
+
+    pixels: Tensor
+    mask: Tensor
+    top: int
+    left: int
+    frame_height: int
+    frame_width: int
+
+    def to(self, device: torch.device | str) -> Entry:
+        return self._replace(pixels=self.pixels.to(device), mask=self.mask.to(device))
 
 
 class TailMemoryBank(Callback):
-    """Store regions of tail classes seen in training and paste them into images that lack them.
+    """Store objects of tail classes seen in training and paste them into images that lack them.
 
     AUCSeg's Tail-Classes Memory Bank (Han et al., NeurIPS 2024), run on the training batch in
     ``on_train_batch_start`` (after the data loader's augmentation, before the forward pass):
 
-    1. **Update.** For every image and every tail class ``c`` present in its mask, the bounding box of
-       ``c``'s pixels (image crop + mask of ``c`` inside it) becomes an entry of ``c``. A class keeps at most
-       ``memory_size`` entries; when full, a uniformly random slot is replaced.
+    1. **Update.** For every image and every tail class ``c`` present in its mask, the image's frame holding
+       ``c``'s pixels becomes an entry of ``c``. A class keeps at most ``memory_size`` entries; when full, a
+       uniformly random slot is replaced.
     2. **Paste.** For every image, of the tail classes absent from its mask, ``ceil(p_sample * #absent)``
-       are drawn without replacement; for each one that has entries, a random entry is resized by
-       ``p_resize`` (bilinear image, nearest mask) and its class pixels are pasted at a uniformly random
-       offset into the image, with the class id written into the label at exactly those pixels.
+       are drawn without replacement (in random order); for each one that has entries, a random entry is
+       pasted: only its class pixels, with the class id written into the label at exactly those pixels
+       (later pastes cover earlier ones).
+
+    **Placement** (``placement="reference"``, the default, as AUCSeg's ``TMemoryBank`` transform): the whole
+    stored ``H x W`` frame is resized to ``h' x w' = int(H * p_resize) x int(W * p_resize)`` (bilinear image,
+    nearest label; OpenCV's ``INTER_LINEAR`` / ``INTER_NEAREST``: half-pixel centres, no antialiasing) and
+    placed at the offset ``x ~ U{0, ..., W_t - w'}``, then ``y ~ U{0, ..., H_t - h'}`` in the target image
+    ``H_t x W_t``. At ``p_resize = 1`` on equal-size frames (fixed-size training crops) the offset is 0: an
+    object is pasted exactly where it was in its own image. A resized frame larger than the target (the
+    reference fails there) is placed at an offset in ``{W_t - w', ..., 0}`` (likewise for ``y``), so that
+    it covers the target, and clipped. ``placement="random_box"`` resizes the same way but places the
+    object's bounding box at a uniformly random offset where it fits in the target (clipped if larger), so
+    objects move around the image: this library's earlier behaviour.
+
+    **What is stored**: the reference keeps whole frames (the image and the positions of the class's
+    pixels) and resizes them at every paste. The bank keeps, per entry, the resized pixels and mask of the
+    class's bounding box, its position in the resized frame and the frame's size, which reproduces the
+    reference's pastes exactly in a fraction of the memory: whole frames would take ``memory_size x
+    #tail classes x C x H x W`` values (ADE20K, 124 tail classes at 512 x 512: 1.9 GB in float32). The
+    bounding box is resized when an entry is made, not at each paste. Entries are copies taken before any
+    pasting: the reference stores the frame tensor itself, which its own pastes of the same call then
+    modify (a tail object can carry pixels of a class pasted over it); that side effect is not reproduced.
 
     The whole batch updates the bank before any pasting, and an image's own classes are never pasted into
-    it (only absent classes are), so an entry may come from another image of the same batch. The bank
-    stores bounding-box crops instead of the reference's whole images: the pasted pixels are the same
-    (the reference masks everything but the class), the memory is much smaller, and entries are copies,
-    so later pastes never alter stored entries.
+    it (only absent classes are), so an entry may come from another image of the same batch. (In the
+    reference each data-loader worker has its own bank, filled sample by sample.) The reference draws its
+    random numbers from Python's ``random`` module; the bank uses seeded ``torch.Generator`` streams with the
+    same draws in the same order (slot, class subset, entry, ``x``, ``y``).
 
     **Tail classes**: ``tail_classes`` if given; otherwise the LightningModule's resolved ``tail_classes``
     attribute if it has one (e.g. :class:`~lightning_lt.tasks.SegmentationModule` with an explicit list);
@@ -61,8 +98,8 @@ class TailMemoryBank(Callback):
     **Checkpointing**: the entries (on CPU), the batch counter and the tail classes are in the callback's
     ``state_dict``. Entries are kept on the batch's device during training.
 
-    The batch must be ``(images, masks, ...)`` (tuple or list) or a dict with ``"image"`` and ``"mask"``
-    keys: images float ``[B, 3, H, W]`` and masks integer ``[B, H, W]``; both are modified in place.
+    The batch must be ``(images, masks, ...)`` (tuple or list) or a dict holding them under ``image_key`` and
+    ``mask_key``: images float ``[B, C, H, W]`` and masks integer ``[B, H, W]``; both are modified in place.
 
     Args:
         tail_classes: tail class ids; ``None`` resolves them at setup as described above.
@@ -70,17 +107,22 @@ class TailMemoryBank(Callback):
         memory_size: entries kept per tail class (AUCSeg: 5).
         p_sample: fraction of the absent tail classes pasted into each image, in ``(0, 1]`` (AUCSeg: 1 on
             Cityscapes, 0.05 on ADE20K and COCO-Stuff).
-        p_resize: scale factor of a pasted entry, ``> 0`` (AUCSeg: 1 on Cityscapes, 0.4 on ADE20K, 0.1 on
-            COCO-Stuff). Entries that end up larger than the image are cropped to it.
+        p_resize: scale factor of the stored frames, ``> 0`` (AUCSeg: 1 on Cityscapes, 0.4 on ADE20K, 0.1 on
+            COCO-Stuff).
+        placement: ``"reference"`` (AUCSeg's whole-frame placement) or ``"random_box"`` (see above).
         ignore_index: label of unlabelled pixels (never a tail class); ``None`` takes the module's or data
             module's ``ignore_index`` at setup.
         seed: seed of the bank's random decisions.
-        num_classes: number of classes; ``None`` takes the module's or data module's ``num_classes`` at setup.
-            Needed (with ``tail_classes``) only to use the bank outside a Trainer via :meth:`update_and_paste`.
+        num_classes: number of classes; ``None`` takes the module's or data module's ``num_classes`` (or the
+            module's ``num_classes`` hyperparameter) at setup. Needed (with ``tail_classes``) to use the bank
+            outside a Trainer via :meth:`update_and_paste`.
+        image_key: key of the images in dict batches.
+        mask_key: key of the masks in dict batches.
 
     Raises:
-        ValueError: on invalid arguments; at setup, if the tail classes are empty, out of range, or cannot
-            be resolved (no list and no pixel class counts).
+        ValueError: on invalid arguments; at setup, if the number of classes cannot be found, or the tail
+            classes are empty, out of range, or cannot be resolved (no list and no pixel class counts); on a
+            dict batch without ``image_key`` or ``mask_key``.
 
     Example:
         >>> import torch
@@ -88,9 +130,9 @@ class TailMemoryBank(Callback):
         >>> images, masks = torch.zeros(2, 3, 8, 8), torch.zeros(2, 8, 8, dtype=torch.long)
         >>> masks[0, 2:4, 2:6] = 2                     # image 0 contains tail class 2
         >>> images[0, :, 2:4, 2:6] = 1.0
-        >>> bank.update_and_paste(images, masks)       # image 1 lacks it: it gets a copy pasted
-        >>> print(int((masks[1] == 2).sum()), float(images[1][:, masks[1] == 2].min()))
-        8 1.0
+        >>> bank.update_and_paste(images, masks)       # image 1 lacks it: it gets a copy, at the same place
+        >>> print(torch.equal(masks[1], masks[0]), torch.equal(images[1], images[0]))
+        True True
     """
 
     def __init__(
@@ -100,9 +142,12 @@ class TailMemoryBank(Callback):
         memory_size: int = 5,
         p_sample: float = 1.0,
         p_resize: float = 1.0,
+        placement: Placement = "reference",
         ignore_index: Optional[int] = None,
         seed: int = 0,
         num_classes: Optional[int] = None,
+        image_key: str = "image",
+        mask_key: str = "mask",
     ) -> None:
         super().__init__()
         if not isinstance(memory_size, int) or isinstance(memory_size, bool) or memory_size < 1:
@@ -110,9 +155,11 @@ class TailMemoryBank(Callback):
         if not 0.0 < p_sample <= 1.0:
             raise ValueError(f"Expected `p_sample` in (0, 1] (fraction of absent tail classes pasted), got {p_sample}")
         if not p_resize > 0.0:
-            raise ValueError(f"Expected `p_resize` > 0 (scale of a pasted entry), got {p_resize}")
+            raise ValueError(f"Expected `p_resize` > 0 (scale of a stored frame), got {p_resize}")
         if not 0.0 < tail_share <= 1.0:
             raise ValueError(f"Expected `tail_share` in (0, 1], got {tail_share}")
+        if placement not in _PLACEMENTS:
+            raise ValueError(f"Expected `placement` to be one of {_PLACEMENTS}, got {placement!r}")
         if tail_classes is not None and len(tail_classes) == 0:
             raise ValueError(
                 "`tail_classes` is empty. HINT: list the tail class ids, or leave it unset to choose them from "
@@ -123,9 +170,12 @@ class TailMemoryBank(Callback):
         self.memory_size = memory_size
         self.p_sample = float(p_sample)
         self.p_resize = float(p_resize)
+        self.placement = placement
         self.ignore_index = ignore_index
         self.seed = int(seed)
         self.num_classes: Optional[int] = num_classes
+        self.image_key = image_key
+        self.mask_key = mask_key
         self.tail_classes: Optional[list[int]] = self.requested_tail_classes
         if num_classes is not None and tail_classes is not None:
             self.tail_classes = validate_tail_classes(tail_classes, num_classes)
@@ -139,17 +189,18 @@ class TailMemoryBank(Callback):
     # ------------------------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         datamodule = getattr(trainer, "datamodule", None)
-        found = _first_attr("num_classes", pl_module, datamodule)
+        found = _first_attr("num_classes", pl_module, getattr(pl_module, "hparams", None), datamodule)
         if self.num_classes is not None and found is not None and found != self.num_classes:
             raise ValueError(
                 f"TailMemoryBank(num_classes={self.num_classes}) but the model has {found} classes. HINT: leave "
                 "`num_classes` unset in a Trainer; it is taken from the model."
             )
-        self.num_classes = self.num_classes if found is None else found
+        self.num_classes = self.num_classes if found is None else int(found)
         if self.num_classes is None:
             raise ValueError(
-                "TailMemoryBank needs the number of classes: neither the LightningModule nor the data module "
-                "has a `num_classes` attribute."
+                "TailMemoryBank needs the number of classes, and neither the LightningModule (attribute or "
+                "hyperparameter `num_classes`) nor the data module has one. HINT: pass "
+                "`TailMemoryBank(num_classes=...)`."
             )
         if self.ignore_index is None:
             self.ignore_index = _first_attr("ignore_index", pl_module, datamodule)
@@ -174,7 +225,7 @@ class TailMemoryBank(Callback):
 
     # ---------------------------------------------------------------------------------- training
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        images, masks = split_segmentation_batch(batch)
+        images, masks = split_segmentation_batch(batch, self.image_key, self.mask_key, owner="TailMemoryBank")
         world_size = int(getattr(trainer, "world_size", 1))
         rank = int(getattr(trainer, "global_rank", 0))
         self.update_and_paste(images, masks, world_size=world_size, rank=rank)
@@ -208,25 +259,23 @@ class TailMemoryBank(Callback):
         hits.scatter_(1, torch.where(valid, flat, self.num_classes).long(), True)
         return hits[:, tail].cpu()
 
-    def _extract(self, images: Tensor, masks: Tensor, present: Tensor) -> list[tuple[int, Tensor, Tensor]]:
-        entries = []
-        for b, t in present.nonzero().tolist():
-            c = self.tail_classes[t]
-            region = masks[b] == c
-            rows = region.any(dim=1).nonzero()
-            cols = region.any(dim=0).nonzero()
-            top, bottom = int(rows[0]), int(rows[-1]) + 1
-            left, right = int(cols[0]), int(cols[-1]) + 1
-            entries.append((c, images[b, :, top:bottom, left:right].clone(), region[top:bottom, left:right].clone()))
-        return entries
+    def _extract(self, images: Tensor, masks: Tensor, present: Tensor) -> list[tuple[int, Entry]]:
+        """One entry per (image, present tail class), in image order then tail-class order."""
+        if not present.any():
+            return []
+        resize = _FrameResize(masks.shape[-2:], self.p_resize, images.device)
+        return [
+            (self.tail_classes[t], resize.entry(images[b], masks[b] == self.tail_classes[t]))
+            for b, t in present.nonzero().tolist()
+        ]
 
-    def _update(self, new_entries: list[tuple[int, Tensor, Tensor]], generator: torch.Generator) -> None:
-        for c, image, region in new_entries:
+    def _update(self, new_entries: list[tuple[int, Entry]], generator: torch.Generator) -> None:
+        for c, entry in new_entries:
             slots = self.entries.setdefault(c, [])
             if len(slots) < self.memory_size:
-                slots.append((image, region))
+                slots.append(entry)
             else:
-                slots[int(torch.randint(self.memory_size, (1,), generator=generator))] = (image, region)
+                slots[_randint(0, self.memory_size - 1, generator)] = entry
 
     def _paste(self, images: Tensor, masks: Tensor, present: Tensor, generator: torch.Generator) -> None:
         height, width = masks.shape[-2:]
@@ -234,37 +283,24 @@ class TailMemoryBank(Callback):
             absent = [c for t, c in enumerate(self.tail_classes) if not present[b, t]]
             if not absent:
                 continue
-            n_pick = math.ceil(len(absent) * self.p_sample)
-            order = torch.randperm(len(absent), generator=generator)[:n_pick].tolist()
-            for i in order:
+            for i in _sample(len(absent), math.ceil(len(absent) * self.p_sample), generator):
                 c = absent[i]
                 slots = self.entries.get(c)
                 if not slots:
                     continue
-                crop, region = slots[int(torch.randint(len(slots), (1,), generator=generator))]
-                crop, region = self._resize(crop.to(images.device, images.dtype), region.to(images.device))
-                h, w = min(region.shape[0], height), min(region.shape[1], width)
-                crop, region = crop[:, :h, :w], region[:h, :w]
-                top = int(torch.randint(height - h + 1, (1,), generator=generator))
-                left = int(torch.randint(width - w + 1, (1,), generator=generator))
-                image_view = images[b, :, top : top + h, left : left + w]
-                mask_view = masks[b, top : top + h, left : left + w]
-                image_view.copy_(torch.where(region, crop, image_view))
-                mask_view.masked_fill_(region, c)
-
-    def _resize(self, crop: Tensor, region: Tensor) -> Entry:
-        if self.p_resize == 1.0:
-            return crop, region
-        h = max(1, int(region.shape[0] * self.p_resize))
-        w = max(1, int(region.shape[1] * self.p_resize))
-        crop = F.interpolate(crop[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0].to(crop.dtype)
-        region = F.interpolate(region[None, None].float(), size=(h, w), mode="nearest")[0, 0] > 0.5
-        return crop, region
+                entry = slots[_randint(0, len(slots) - 1, generator)]
+                if self.placement == "reference":  # the whole resized frame is placed, x first (as the reference)
+                    left = _offset(width, entry.frame_width, generator) + entry.left
+                    top = _offset(height, entry.frame_height, generator) + entry.top
+                else:  # the object's bounding box is placed
+                    left = _offset(width, entry.mask.shape[1], generator)
+                    top = _offset(height, entry.mask.shape[0], generator)
+                _paste_entry(images[b], masks[b], entry, top, left, c)
 
     # ------------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         return {
-            "entries": {c: [[image.cpu(), region.cpu()] for image, region in slots] for c, slots in self.entries.items()},
+            "entries": {c: [list(entry.to("cpu")) for entry in slots] for c, slots in self.entries.items()},
             "batches_seen": self.batches_seen,
             "tail_classes": self.tail_classes,
             "seed": self.seed,
@@ -272,7 +308,18 @@ class TailMemoryBank(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.batches_seen = int(state_dict.get("batches_seen", 0))
-        entries = {int(c): [(image, region) for image, region in slots] for c, slots in state_dict.get("entries", {}).items()}
+        entries: dict[int, list[Entry]] = {}
+        stale = 0
+        for c, slots in state_dict.get("entries", {}).items():
+            kept = [Entry(*slot[:2], *map(int, slot[2:])) for slot in slots if len(slot) == len(Entry._fields)]
+            stale += len(slots) - len(kept)
+            entries[int(c)] = kept
+        if stale:
+            rank_zero_warn(
+                f"TailMemoryBank: {stale} checkpoint entries are bounding-box crops without their frame position "
+                "(written by an earlier version of lightning-lt); they are dropped and the bank refills from the "
+                "training stream."
+            )
         if self.tail_classes is not None:
             dropped = sorted(set(entries) - set(self.tail_classes))
             if dropped:
@@ -288,30 +335,137 @@ class TailMemoryBank(Callback):
         return {c: len(slots) for c, slots in self.entries.items()}
 
 
-def split_segmentation_batch(batch: Any) -> tuple[Tensor, Tensor]:
-    """``(images, masks)`` of a segmentation batch: a tuple/list ``(images, masks, ...)`` or a dict with
-    ``"image"`` and ``"mask"`` keys."""
-    if isinstance(batch, dict):
-        if "image" in batch and "mask" in batch:
-            return batch["image"], batch["mask"]
-    elif isinstance(batch, (list, tuple)) and len(batch) >= 2:
+class _FrameResize:
+    """The resize of ``H x W`` frames to ``int(H * p) x int(W * p)`` as the reference's ``cv2.resize`` does it.
+
+    Label: ``INTER_NEAREST``, source index ``floor(i * (1 / (out / in)))`` in double precision. Image:
+    ``INTER_LINEAR``, source position ``(i + 0.5) * (1 / (out / in)) - 0.5`` in double precision, taps at its
+    floor and the next pixel, edge-clamped (weight 0 outside), horizontal pass first, float32 weights. That is
+    what OpenCV's x86-64 wheels compute (through Intel IPP); OpenCV's own code path rounds the position to
+    float32 first, which moves values by up to about 1e-4 of their range. At ``p = 1`` both are the identity.
+    """
+
+    def __init__(self, size: Sequence[int], p_resize: float, device: torch.device) -> None:
+        self.in_size = (int(size[0]), int(size[1]))
+        self.out_size = tuple(max(1, int(n * p_resize)) for n in self.in_size)
+        self.identity = self.out_size == self.in_size
+        if not self.identity:
+            self.nearest = [_nearest_index(o, i, device) for o, i in zip(self.out_size, self.in_size)]
+            self.linear = [_linear_taps(o, i, device) for o, i in zip(self.out_size, self.in_size)]
+
+    def entry(self, image: Tensor, region: Tensor) -> Entry:
+        """The entry of one class (``region``, boolean ``[H, W]``) of one ``image`` ``[C, H, W]``."""
+        if not self.identity:
+            rows, cols = self.nearest
+            region = region[rows][:, cols]
+        row_hits, col_hits = region.any(dim=1).nonzero(), region.any(dim=0).nonzero()
+        if len(row_hits) == 0:  # the resize dropped every pixel of the object: an empty entry
+            return Entry(image.new_zeros(image.shape[0], 0, 0), region.new_zeros(0, 0), 0, 0, *self.out_size)
+        top, bottom = int(row_hits[0]), int(row_hits[-1]) + 1
+        left, right = int(col_hits[0]), int(col_hits[-1]) + 1
+        if self.identity:
+            pixels = image[:, top:bottom, left:right].clone()
+        else:
+            (y0, y1, wy), (x0, x1, wx) = (
+                tuple(t[a:z] for t in taps) for taps, a, z in zip(self.linear, (top, left), (bottom, right))
+            )
+            work = image if image.dtype in (torch.float32, torch.float64) else image.float()
+            wx, wy = wx.to(work.dtype), wy.to(work.dtype)
+            near, far = work[:, y0], work[:, y1]
+            near = near[:, :, x0] * (1 - wx) + near[:, :, x1] * wx
+            far = far[:, :, x0] * (1 - wx) + far[:, :, x1] * wx
+            pixels = (near * (1 - wy)[:, None] + far * wy[:, None]).to(image.dtype)
+        return Entry(pixels, region[top:bottom, left:right].clone(), top, left, *self.out_size)
+
+
+def _nearest_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
+    step = 1.0 / (out_size / in_size)
+    index = torch.floor(torch.arange(out_size, dtype=torch.float64, device=device) * step).long()
+    return index.clamp_max(in_size - 1)
+
+
+def _linear_taps(out_size: int, in_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Source indices ``i0``, ``i1`` and the weight of ``i1`` (float32) of each output pixel."""
+    step = 1.0 / (out_size / in_size)
+    position = (torch.arange(out_size, dtype=torch.float64, device=device) + 0.5) * step - 0.5
+    start = torch.floor(position)
+    weight = (position - start).float()
+    start = start.long()
+    weight = weight.masked_fill((start < 0) | (start >= in_size - 1), 0.0)
+    start = start.clamp(0, in_size - 1)
+    return start, (start + 1).clamp_max(in_size - 1), weight
+
+
+def _randint(low: int, high: int, generator: torch.Generator) -> int:
+    """Uniform integer in ``[low, high]`` (both included, as Python's ``random.randint``)."""
+    return low + int(torch.randint(high - low + 1, (1,), generator=generator))
+
+
+def _sample(n: int, k: int, generator: torch.Generator) -> list[int]:
+    """``k`` of ``range(n)`` without replacement, in random order (as Python's ``random.sample``)."""
+    return torch.randperm(n, generator=generator)[:k].tolist()
+
+
+def _offset(target: int, size: int, generator: torch.Generator) -> int:
+    """Offset of a ``size`` span in a ``target`` span: uniform in ``[0, target - size]`` when it fits (the
+    reference's ``random.randint(0, target - size)``), else in ``[target - size, 0]``, so that it covers it."""
+    return _randint(min(0, target - size), max(0, target - size), generator)
+
+
+def _paste_entry(image: Tensor, mask: Tensor, entry: Entry, top: int, left: int, label: int) -> None:
+    """Write the entry's class pixels at ``(top, left)`` of ``image`` ``[C, H, W]`` and ``mask`` ``[H, W]``
+    (in place), clipped to them."""
+    h, w = entry.mask.shape
+    y0, x0 = max(top, 0), max(left, 0)
+    y1, x1 = min(top + h, mask.shape[0]), min(left + w, mask.shape[1])
+    if y1 <= y0 or x1 <= x0:
+        return
+    region = entry.mask[y0 - top : y1 - top, x0 - left : x1 - left].to(mask.device)
+    pixels = entry.pixels[:, y0 - top : y1 - top, x0 - left : x1 - left].to(image.device, image.dtype)
+    image_view = image[:, y0:y1, x0:x1]
+    image_view.copy_(torch.where(region, pixels, image_view))
+    mask[y0:y1, x0:x1].masked_fill_(region, label)
+
+
+def split_segmentation_batch(
+    batch: Any, image_key: str = "image", mask_key: str = "mask", owner: str = "the task"
+) -> tuple[Tensor, Tensor]:
+    """``(images, masks)`` of a segmentation batch: a tuple/list ``(images, masks, ...)`` or a mapping with
+    ``image_key`` and ``mask_key``.
+
+    Raises:
+        ValueError: a mapping without those keys (the message lists the keys it has).
+        TypeError: any other batch.
+    """
+    if isinstance(batch, Mapping):
+        missing = [key for key in (image_key, mask_key) if key not in batch]
+        if not missing:
+            return batch[image_key], batch[mask_key]
+        raise ValueError(
+            f"The segmentation batch is a dict without the key(s) {missing}; its keys are {list(batch)}. HINT: pass "
+            f"`image_key=...` and `mask_key=...` to {owner} with the keys of the images and the masks."
+        )
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
         return batch[0], batch[1]
     raise TypeError(
-        "Expected a segmentation batch `(images, masks)` or a dict with 'image' and 'mask' keys, got "
+        f"Expected a segmentation batch `(images, masks)` or a dict with {image_key!r} and {mask_key!r} keys, got "
         f"{type(batch).__name__}"
     )
 
 
 def _first_attr(name: str, *objects: Any) -> Any:
     for obj in objects:
-        value = getattr(obj, name, None) if obj is not None else None
+        if isinstance(obj, Mapping):
+            value = obj.get(name)
+        else:
+            value = getattr(obj, name, None) if obj is not None else None
         if value is not None:
             return value
     return None
 
 
-def _gather_entries(entries: list[tuple[int, Tensor, Tensor]], device: torch.device, world_size: int) -> list:
+def _gather_entries(entries: list[tuple[int, Entry]], device: torch.device, world_size: int) -> list[tuple[int, Entry]]:
     """All ranks' new entries, in rank order, on ``device``."""
     gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, [(c, image.cpu(), region.cpu()) for c, image, region in entries])
-    return [(c, image.to(device), region.to(device)) for part in gathered for c, image, region in part]
+    dist.all_gather_object(gathered, [(c, entry.to("cpu")) for c, entry in entries])
+    return [(c, entry.to(device)) for part in gathered for c, entry in part]

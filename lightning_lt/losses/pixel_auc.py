@@ -62,6 +62,7 @@ def _check_inputs(logits: Tensor, target: Tensor, ignore_index: Optional[int], o
                 f"{owner} expects `target` of shape [batch, height, width] with batch = {logits.shape[0]} for "
                 f"`logits` of shape {tuple(logits.shape)}, got shape {tuple(target.shape)}."
             )
+        check_resizable_logits(logits, target, owner)
     elif target.ndim != 1 or target.shape[0] != logits.shape[0]:
         raise ValueError(
             f"{owner} expects `target` of shape [pixels] = [{logits.shape[0]}] for `logits` of shape "
@@ -77,6 +78,28 @@ def _check_inputs(logits: Tensor, target: Tensor, ignore_index: Optional[int], o
             f"{owner} got target value(s) {shown} outside [0, {num_classes}) for {num_classes} classes, and "
             f"`ignore_index` is {ignore_index}. HINT: if these label unlabelled pixels, set `ignore_index` to that "
             "value (e.g. 255); otherwise the logits have too few channels."
+        )
+
+
+def check_resizable_logits(logits: Tensor, target: Tensor, owner: str) -> None:
+    """Refuse logits ``[B, C, h, w]`` whose resize to the target's ``[H, W]`` would distort them.
+
+    A network's logits at a lower resolution are the target's size divided by one stride, rounded, so
+    ``|h W - w H| <= H + W``; anything further off has another aspect ratio, typically channels-last logits
+    ``[B, H, W, C]`` read as ``[B, C, h, w]``.
+
+    Raises:
+        ValueError: naming both shapes and the layout to pass.
+    """
+    (h, w), (height, width) = logits.shape[-2:], target.shape[-2:]
+    if (h, w) != (height, width) and abs(h * width - w * height) > height + width:
+        raise ValueError(
+            f"{owner} got `logits` of shape {tuple(logits.shape)}, read as [batch, classes, height, width], for a "
+            f"`target` of shape {tuple(target.shape)}: their spatial sizes ({h}, {w}) and ({height}, {width}) have "
+            f"different aspect ratios, so resizing the logits to the target would distort them (channels-last "
+            f"logits [batch, height, width, classes] look like this). HINT: pass logits as [batch, classes, "
+            f"height, width] (`logits.permute(0, 3, 1, 2)` for channels-last ones), at the target's size or "
+            f"at that size divided by the network's stride."
         )
 
 
@@ -107,7 +130,9 @@ def pixel_auc_loss(
     extra ``N_i``, whereas this is the pair mean written above.
 
     Logits whose spatial size differs from the target's are first resized to it (bilinear,
-    ``align_corners=False``). Half-precision logits are computed in float32; float64 stays float64.
+    ``align_corners=False``); their aspect ratio must be the target's (up to the rounding of a network's
+    stride), so that channels-last logits are refused rather than distorted. Half-precision logits are
+    computed in float32; float64 stays float64.
 
     Args:
         logits: ``[B, C, H, W]`` (or flat ``[P, C]``) unnormalised per-class scores, ``C >= 2``.
@@ -122,8 +147,8 @@ def pixel_auc_loss(
 
     Raises:
         ValueError: if ``gamma <= 0``, ``transform``/``surrogate`` is unknown, ``surrogate="hinge"`` with
-            ``gamma < 1``, on bad shapes or dtypes, or on a target value outside ``[0, C)`` that is not
-            ``ignore_index``.
+            ``gamma < 1``, on bad shapes or dtypes (logits whose aspect ratio differs from the target's, e.g.
+            channels-last), or on a target value outside ``[0, C)`` that is not ``ignore_index``.
 
     Example:
         >>> logits = torch.tensor([[0.0, 0.0], [1.0986, 0.0], [0.0, 1.0986]])  # sigmoid(1.0986) = 0.75
@@ -235,8 +260,9 @@ class PixelAUCLoss(nn.Module):
 
     Raises:
         ValueError: if ``gamma <= 0``, ``transform`` or ``surrogate`` is unknown, or ``surrogate="hinge"``
-            with ``gamma < 1``; in ``forward`` on bad shapes or a target value outside ``[0, C)`` that is
-            not ``ignore_index``.
+            with ``gamma < 1``; in ``forward`` on bad shapes (logits whose aspect ratio differs from the
+            target's, e.g. channels-last ``[B, H, W, C]``) or a target value outside ``[0, C)`` that is not
+            ``ignore_index``.
 
     Example:
         >>> loss = PixelAUCLoss(ignore_index=255)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from lightning_lt.callbacks.memory_bank import TailMemoryBank, split_segmentation_batch
 from lightning_lt.losses import PixelAUCLoss
+from lightning_lt.losses.pixel_auc import check_resizable_logits
 from lightning_lt.metrics.segmentation import SegmentationIoU, pixel_tail_classes, validate_tail_classes
 from lightning_lt.nets.segmentation import TorchvisionSegmentation
 from lightning_lt.tasks.base import TaskModule, check_class_info, safe_metric_key
@@ -65,13 +66,27 @@ def segmentation_class_weights(class_counts: Sequence[int], mode: str) -> Tensor
     return weights.float()
 
 
+def _has_aux_head(net: nn.Module) -> bool:
+    """Whether ``net`` carries an auxiliary head: torchvision's ``aux_classifier``, directly or inside a wrapper
+    such as :class:`~lightning_lt.nets.TorchvisionSegmentation`."""
+    return any(getattr(module, "aux_classifier", None) is not None for module in net.modules())
+
+
 class SegmentationModule(TaskModule):
     """Semantic segmentation for long-tailed data: loss ``CE + auc_weight * PixelAUC`` (AUCSeg).
 
-    The network's logits are resized (bilinear) to the label size when they differ. Pixels labelled
-    ``ignore_index`` are left out of both losses and of the metrics.
+    The network's logits are resized (bilinear) to the label size when they differ (an error if their
+    aspect ratio differs, e.g. channels-last logits). Pixels labelled ``ignore_index`` are left out of both
+    losses and of the metrics.
 
-    Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_auc`` (with an AUC loss); ``{stage}/loss``,
+    **Auxiliary head** (torchvision's ``aux_loss=True`` of DeepLabV3 / FCN): when the network has one
+    (``forward_with_aux``, as :class:`~lightning_lt.nets.TorchvisionSegmentation`, or a dict output with
+    ``"aux"``), training adds ``aux_weight * CE(aux logits)``, as torchvision's reference segmentation
+    training (``out + 0.5 * aux``; MMSegmentation's auxiliary FCN heads use 0.4). The auxiliary logits get
+    the cross-entropy only (same class weights and ignore index), and evaluation uses the main head alone.
+
+    Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_auc`` (with an AUC loss), ``train/loss_aux``
+    (with an auxiliary head); ``{stage}/loss``,
     ``{stage}/miou``, ``{stage}/miou_head``, ``{stage}/miou_tail``, ``{stage}/pixel_acc``, ``{stage}/macc``
     and, with ``log_per_class``, ``{stage}/iou/<class name>`` for val and test; a per-class IoU bar chart
     (tail classes highlighted) at the end of each validation epoch.
@@ -104,12 +119,17 @@ class SegmentationModule(TaskModule):
         lr_scheduler_interval: ``"step"`` (default, as the poly schedule of segmentation) or ``"epoch"``.
         log_per_class: log one IoU scalar per class.
         plot_per_class: log the per-class IoU figure at the end of each validation epoch.
+        aux_weight: weight of the auxiliary head's cross-entropy (see above); ``> 0`` when the network has
+            an auxiliary head.
+        image_key: key of the images in dict batches.
+        mask_key: key of the masks in dict batches.
 
     Raises:
         ValueError: on inconsistent sizes (``class_counts``/``class_names``/``class_weights`` vs
-            ``num_classes``), ``auc_weight < 0``, an AUC loss given with a zero weight, an ignore index that
-            disagrees with the data module's or the AUC loss's, tail classes that disagree with the memory
-            bank's.
+            ``num_classes``), ``auc_weight < 0``, an AUC loss given with a zero weight, ``aux_weight <= 0``
+            with a network that has an auxiliary head, an ignore index that disagrees with the data module's
+            or the AUC loss's, tail classes that disagree with the memory bank's; a dict batch without
+            ``image_key`` / ``mask_key``; logits of another aspect ratio than the labels.
     """
 
     def __init__(
@@ -129,6 +149,9 @@ class SegmentationModule(TaskModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "step",
         log_per_class: bool = True,
         plot_per_class: bool = True,
+        aux_weight: float = 0.5,
+        image_key: str = "image",
+        mask_key: str = "mask",
     ) -> None:
         super().__init__()
         class_counts, names = check_class_info(num_classes, class_counts, class_names)
@@ -143,6 +166,18 @@ class SegmentationModule(TaskModule):
         self.class_names = names
         self.ignore_index = ignore_index
         self.net = net if isinstance(net, nn.Module) else net(num_classes)
+        if aux_weight < 0:
+            raise ValueError(f"Expected `aux_weight` >= 0, got {aux_weight}")
+        self.has_aux_head = _has_aux_head(self.net)
+        if aux_weight == 0 and self.has_aux_head:
+            raise ValueError(
+                "The network has an auxiliary head but `aux_weight` is 0, so the head would never be trained. "
+                "HINT: set `aux_weight` > 0 (torchvision's reference: 0.5), or build the network without it "
+                "(`aux_loss=False`)."
+            )
+        self.aux_weight = float(aux_weight)
+        self.image_key = image_key
+        self.mask_key = mask_key
         self.register_buffer("ce_weight", self._ce_weight(class_weights), persistent=False)
         self.auc_loss = auc_loss
         self.auc_weight = float(auc_weight)
@@ -216,6 +251,9 @@ class SegmentationModule(TaskModule):
             if self.tail_classes is not None:
                 metric.tail_classes = self.tail_classes
 
+    def _split(self, batch: Any) -> tuple[Tensor, Tensor]:
+        return split_segmentation_batch(batch, self.image_key, self.mask_key, owner=type(self).__name__)
+
     # ---------------------------------------------------------------------------------------- model
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[B, num_classes, h, w]`` at the network's output resolution."""
@@ -225,33 +263,54 @@ class SegmentationModule(TaskModule):
         return out
 
     def _logits(self, images: Tensor, masks: Tensor) -> Tensor:
-        logits = self(images)
+        return self._to_label_size(self(images), masks)
+
+    def _to_label_size(self, logits: Tensor, masks: Tensor) -> Tensor:
         if logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"The network returns {logits.shape[1]} channels but `num_classes` is {self.num_classes}."
             )
         if logits.shape[-2:] != masks.shape[-2:]:
+            check_resizable_logits(logits, masks, type(self).__name__)
             logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
         return logits
 
-    def compute_losses(self, logits: Tensor, masks: Tensor) -> dict[str, Tensor]:
-        """``{"loss", "loss_ce"[, "loss_auc"]}`` for logits at label resolution."""
+    def _train_logits(self, images: Tensor, masks: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Main and auxiliary logits at label resolution (``None`` without an auxiliary head)."""
+        if not self.has_aux_head:
+            return self._logits(images, masks), None
+        forward_with_aux = getattr(self.net, "forward_with_aux", None)
+        if callable(forward_with_aux):
+            out, aux = forward_with_aux(images)
+        else:  # a torchvision model: {"out": ..., "aux": ...}
+            result = self.net(images)
+            out, aux = result["out"], result.get("aux")
+        return self._to_label_size(out, masks), None if aux is None else self._to_label_size(aux, masks)
+
+    def _cross_entropy(self, logits: Tensor, masks: Tensor) -> Tensor:
         ignore = -100 if self.ignore_index is None else self.ignore_index
         weight = self.ce_weight.to(logits.dtype) if self.ce_weight.numel() else None
         if (masks != ignore).any():
-            loss_ce = F.cross_entropy(logits, masks, weight=weight, ignore_index=ignore)
-        else:  # every pixel unlabelled: no signal (cross_entropy would return nan)
-            loss_ce = logits.sum() * 0.0
+            return F.cross_entropy(logits, masks, weight=weight, ignore_index=ignore)
+        return logits.sum() * 0.0  # every pixel unlabelled: no signal (cross_entropy would return nan)
+
+    def compute_losses(self, logits: Tensor, masks: Tensor, aux_logits: Optional[Tensor] = None) -> dict[str, Tensor]:
+        """``{"loss", "loss_ce"[, "loss_auc"][, "loss_aux"]}`` for logits at label resolution."""
+        loss_ce = self._cross_entropy(logits, masks)
         losses = {"loss_ce": loss_ce, "loss": loss_ce}
         if self.auc_loss is not None:
             losses["loss_auc"] = self.auc_loss(logits, masks)
             losses["loss"] = loss_ce + self.auc_weight * losses["loss_auc"]
+        if aux_logits is not None:
+            losses["loss_aux"] = self._cross_entropy(aux_logits, masks)
+            losses["loss"] = losses["loss"] + self.aux_weight * losses["loss_aux"]
         return losses
 
     # ------------------------------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images, masks = split_segmentation_batch(batch)
-        losses = self.compute_losses(self._logits(images, masks), masks)
+        images, masks = self._split(batch)
+        logits, aux_logits = self._train_logits(images, masks)
+        losses = self.compute_losses(logits, masks, aux_logits)
         batch_size = images.shape[0]
         self.log("train/loss", losses["loss"], prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
         self.log_dict(
@@ -266,11 +325,19 @@ class SegmentationModule(TaskModule):
         self._eval_step(batch, "test", self.test_metric)
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
-        images = batch[0] if isinstance(batch, (list, tuple)) else batch["image"] if isinstance(batch, dict) else batch
+        if isinstance(batch, Mapping):
+            if self.image_key not in batch:
+                raise ValueError(
+                    f"The prediction batch is a dict without the key {self.image_key!r}; its keys are {list(batch)}. "
+                    "HINT: pass `image_key=...` to SegmentationModule with the key of the images."
+                )
+            images = batch[self.image_key]
+        else:
+            images = batch[0] if isinstance(batch, (list, tuple)) else batch
         return self(images).argmax(dim=1)
 
     def _eval_step(self, batch: Any, stage: str, metric: SegmentationIoU) -> None:
-        images, masks = split_segmentation_batch(batch)
+        images, masks = self._split(batch)
         logits = self._logits(images, masks)
         self.update_eval_loss(stage, self.compute_losses(logits, masks)["loss"], images.shape[0])
         metric.update(logits, masks)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_lt.callbacks import TailMemoryBank
@@ -56,8 +57,7 @@ def test_pasted_pixels_carry_the_tail_label_and_the_stored_pixels():
     assert torch.all(images[1][:, pasted] == 0.7)
     changed = (images[1] != original[0]).any(dim=0) | (masks[1] != original[1])
     assert torch.equal(changed, pasted)
-    rows, cols = pasted.nonzero().unbind(1)
-    assert (rows.max() - rows.min() + 1, cols.max() - cols.min() + 1) == (3, 4)  # pasted as one block
+    assert pasted[4:7, 3:7].all()  # reference placement, p_resize 1, equal frames: where it was in image 0
     # image 0 already has class 2: unchanged
     assert int((masks[0] == 2).sum()) == 12
 
@@ -78,24 +78,94 @@ def test_only_class_pixels_of_the_bounding_box_are_pasted():
     assert not (images[1] == -1.0).any()
 
 
-@pytest.mark.parametrize("p_resize", [0.5, 2.0])
-def test_resized_entries_keep_labels_consistent(p_resize):
-    bank = ready_bank(tail_classes=[2], p_resize=p_resize)
-    images, masks = two_image_batch()
-    bank.update_and_paste(images, masks)
-    pasted = masks[1] == 2
-    expected = (max(1, int(3 * p_resize)), max(1, int(4 * p_resize)))
-    rows, cols = pasted.nonzero().unbind(1)
-    assert (int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)) == expected
-    torch.testing.assert_close(images[1][:, pasted], torch.full((3, int(pasted.sum())), 0.7))
+def resized_frame(image: torch.Tensor, mask: torch.Tensor, p_resize: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole frame resized as AUCSeg resizes it (int(H * p) x int(W * p), bilinear image, nearest label),
+    with torch's own interpolation as an independent computation."""
+    size = (int(mask.shape[0] * p_resize), int(mask.shape[1] * p_resize))
+    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
+    mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return image, mask
 
 
-def test_entry_larger_than_the_image_is_cropped_to_it():
-    bank = ready_bank(tail_classes=[2], p_resize=4.0)
+def find_paste(pasted: torch.Tensor, frame_mask: torch.Tensor, c: int) -> list[tuple[int, int]]:
+    """The offsets (y, x) of the resized frame, within the reference's range (or, for a frame larger than the
+    target, the range that makes it cover the target), whose class-``c`` pixels land exactly on ``pasted``."""
+    (height, width), (h, w) = pasted.shape, frame_mask.shape
+    found = []
+    for y in range(min(0, height - h), max(0, height - h) + 1):
+        for x in range(min(0, width - w), max(0, width - w) + 1):
+            placed = torch.zeros_like(pasted)
+            y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + h, height), min(x + w, width)
+            placed[y0:y1, x0:x1] = frame_mask[y0 - y : y1 - y, x0 - x : x1 - x] == c
+            if torch.equal(placed, pasted):
+                found.append((y, x))
+    return found
+
+
+@pytest.mark.parametrize("p_resize", [0.5, 0.4, 2.0, 4.0])
+def test_the_whole_frame_is_resized_and_placed_at_a_random_offset(p_resize):
+    """The object is pasted as it sits in its resized frame, the frame at an offset in the allowed range
+    (larger than the target at p_resize > 1: then it covers the target and is clipped); the pasted pixels are
+    the resized frame's at those positions."""
+    images, masks = two_image_batch()
+    images[0] += torch.linspace(0, 1, 12)[None, None, :]  # a gradient, so that the interpolation shows
+    frame_image, frame_mask = resized_frame(images[0], masks[0], p_resize)
+    nonempty = 0
+    for seed in range(12):
+        batch = images.clone(), masks.clone()
+        ready_bank(tail_classes=[2], p_resize=p_resize, seed=seed).update_and_paste(*batch)
+        pasted = batch[1][1] == 2
+        assert torch.equal(batch[0][1][:, ~pasted], images[1][:, ~pasted])
+        if not pasted.any():
+            continue
+        nonempty += 1
+        rows, cols = pasted.nonzero().unbind(1)
+        offsets = find_paste(pasted, frame_mask, 2)
+        assert any(torch.allclose(batch[0][1][:, rows, cols], frame_image[:, rows - y, cols - x]) for y, x in offsets)
+    assert nonempty >= 3
+
+
+def test_random_box_placement_moves_the_object_anywhere_it_fits():
+    positions = set()
+    for seed in range(8):
+        images, masks = two_image_batch()
+        ready_bank(tail_classes=[2], placement="random_box", seed=seed).update_and_paste(images, masks)
+        rows, cols = (masks[1] == 2).nonzero().unbind(1)
+        assert (int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)) == (3, 4)
+        assert torch.all(images[1][:, masks[1] == 2] == 0.7)
+        positions.add((int(rows.min()), int(cols.min())))
+    assert len(positions) > 4  # (the reference placement keeps it at (4, 3))
+
+
+def test_random_box_entry_larger_than_the_image_is_clipped():
+    bank = ready_bank(tail_classes=[2], p_resize=4.0, placement="random_box")
     images, masks = two_image_batch()
     bank.update_and_paste(images, masks)
-    assert int((masks[1] == 2).sum()) == 12 * 12 - 0  # 12x16 entry covers the whole 12x12 image
+    assert bank.entries[2][0].mask.shape == (12, 16)  # the 3 x 4 box, 4x larger
+    assert int((masks[1] == 2).sum()) == 12 * 12  # it covers the whole 12 x 12 image
     assert masks[1].shape == (12, 12)
+
+
+def test_an_object_that_the_resize_drops_is_an_empty_entry():
+    images, masks = torch.zeros(2, 3, 12, 12), torch.zeros(2, 12, 12, dtype=torch.long)
+    masks[0, 1, 1] = 2  # nearest resize by 0.5 samples rows and columns 0, 2, 4, ...
+    bank = ready_bank(tail_classes=[2], p_resize=0.5)
+    bank.update_and_paste(images, masks)
+    (entry,) = bank.entries[2]
+    assert entry.mask.shape == (0, 0) and entry.pixels.shape == (3, 0, 0)
+    assert (entry.frame_height, entry.frame_width) == (6, 6)
+    assert not (masks[1] == 2).any()
+
+
+def test_entries_hold_the_resized_box_and_its_place_in_the_resized_frame():
+    bank = ready_bank(tail_classes=[2], p_resize=0.5)
+    images, masks = two_image_batch()
+    bank.update_and_paste(images, masks)
+    (entry,) = bank.entries[2]
+    _, frame_mask = resized_frame(images[0], masks[0], 0.5)
+    rows, cols = (frame_mask == 2).nonzero().unbind(1)
+    assert (entry.top, entry.left, entry.frame_height, entry.frame_width) == (int(rows.min()), int(cols.min()), 6, 6)
+    assert torch.equal(entry.mask, frame_mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1] == 2)
 
 
 def test_p_sample_pastes_ceil_of_the_absent_fraction():
@@ -117,10 +187,10 @@ def test_non_tail_and_ignored_pixels_never_enter_the_bank():
     bank.update_and_paste(images, masks)
     assert set(bank.entries) == {2, 3}
     for c, slots in bank.entries.items():
-        for crop, region in slots:
-            assert region.any() and crop.shape[-2:] == region.shape
+        for entry in slots:
+            assert entry.mask.any() and entry.pixels.shape[-2:] == entry.mask.shape
             # channel 0 encodes the label: the stored class pixels are exactly class c
-            torch.testing.assert_close(crop[0][region], torch.full((int(region.sum()),), 0.25 * c))
+            torch.testing.assert_close(entry.pixels[0][entry.mask], torch.full((int(entry.mask.sum()),), 0.25 * c))
 
 
 def test_random_replacement_keeps_memory_size_entries():
@@ -130,7 +200,7 @@ def test_random_replacement_keeps_memory_size_entries():
         images, masks = two_image_batch(value=float(step + 1))
         bank.update_and_paste(images, masks)
         seen.append(float(step + 1))
-        values = [float(crop.flatten()[0]) for crop, _ in bank.entries[2]]
+        values = [float(entry.pixels.flatten()[0]) for entry in bank.entries[2]]
         assert len(values) == min(step + 1, 3)
         assert set(values) <= set(seen)
         if step < 3:
@@ -163,6 +233,7 @@ def test_same_seed_same_decisions():
         ({"p_sample": 1.5}, "p_sample"),
         ({"p_resize": 0.0}, "p_resize"),
         ({"tail_share": 0.0}, "tail_share"),
+        ({"placement": "center"}, "placement"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -198,6 +269,53 @@ def test_bad_batch_is_rejected():
         bank.on_train_batch_start(None, None, torch.zeros(2, 3, 4, 4), 0)
     with pytest.raises(ValueError, match="same size"):
         bank.update_and_paste(torch.zeros(2, 3, 4, 4), torch.zeros(2, 5, 4, dtype=torch.long))
+
+
+def test_dict_batches_with_other_keys():
+    images, masks = two_image_batch()
+    bank = ready_bank(tail_classes=[2], image_key="img", mask_key="gt")
+    bank.on_train_batch_start(None, None, {"img": images, "gt": masks, "name": ["a", "b"]}, 0)
+    assert int((masks[1] == 2).sum()) == 12
+    with pytest.raises(ValueError, match=r"without the key\(s\) \['image', 'mask'\]; its keys are \['img', 'gt'\]\. "
+                       r"HINT: pass `image_key=...` and `mask_key=...` to TailMemoryBank"):
+        ready_bank().on_train_batch_start(None, None, {"img": images, "gt": masks}, 0)
+
+
+def test_checkpoint_entries_of_the_earlier_format_are_dropped_with_a_warning():
+    bank = ready_bank()
+    old = {"entries": {2: [[torch.zeros(3, 2, 2), torch.ones(2, 2, dtype=torch.bool)]]}, "batches_seen": 3}
+    with pytest.warns(UserWarning, match="without their frame position .* dropped"):
+        bank.load_state_dict(old)
+    assert bank.num_entries() == {2: 0, 3: 0} and bank.batches_seen == 3
+
+
+class BareSegModule(LightningModule):
+    """A segmentation LightningModule of a user's own: no `num_classes` attribute, optionally as a hyperparameter."""
+
+    def __init__(self, classes: int = NUM_CLASSES, save_num_classes: bool = False) -> None:
+        super().__init__()
+        if save_num_classes:
+            self.save_hyperparameters({"num_classes": classes})
+        self.net = TinySegNet(classes)
+
+    def training_step(self, batch, batch_idx):
+        images, masks = batch
+        return F.cross_entropy(self.net(images), masks, ignore_index=IGNORE)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_num_classes_missing_in_a_trainer_names_the_fix(tmp_path):
+    loader = ToySegData().train_dataloader()  # plain loaders: no data module to read `num_classes` from
+    with pytest.raises(ValueError, match=r"needs the number of classes.*HINT: pass `TailMemoryBank\(num_classes=\.\.\.\)`"):
+        make_trainer(tmp_path, [TailMemoryBank(tail_classes=[2])], max_epochs=1).fit(BareSegModule(), loader)
+    bank = TailMemoryBank(tail_classes=[2])
+    make_trainer(tmp_path, [bank], max_epochs=1, limit_train_batches=1).fit(BareSegModule(save_num_classes=True), loader)
+    assert bank.num_classes == NUM_CLASSES  # from the module's hyperparameters
+    bank = TailMemoryBank(tail_classes=[2], num_classes=NUM_CLASSES)
+    make_trainer(tmp_path, [bank], max_epochs=1, limit_train_batches=1).fit(BareSegModule(), loader)
+    assert bank.num_entries()[2] > 0
 
 
 # ------------------------------------------------------------------------------- with a Trainer
@@ -250,9 +368,13 @@ def test_module_tail_list_flows_into_the_bank_and_conflicts_are_errors(tmp_path)
 def bank_signature(bank: TailMemoryBank) -> dict:
     """Entries as plain numbers: (source image index from channel 1, class pixels, crop shape)."""
     return {
-        str(c): [[round(float(crop[1, 0, 0]) * 16), int(region.sum()), list(region.shape)] for crop, region in slots]
+        str(c): [[round(float(entry.pixels[1, 0, 0]) * 16), int(entry.mask.sum()), list(entry.mask.shape)] for entry in slots]
         for c, slots in sorted(bank.entries.items())
     }
+
+
+def entries_equal(entry, other) -> bool:
+    return torch.equal(entry.pixels, other.pixels) and torch.equal(entry.mask, other.mask) and entry[2:] == other[2:]
 
 
 def test_entries_survive_a_checkpoint_round_trip(tmp_path):
@@ -267,8 +389,8 @@ def test_entries_survive_a_checkpoint_round_trip(tmp_path):
     assert restored.batches_seen == bank.batches_seen == 8
     assert restored.num_entries() == bank.num_entries() == {2: 3, 3: 3}
     for c in TAIL:
-        for (crop, region), (crop2, region2) in zip(bank.entries[c], restored.entries[c]):
-            assert torch.equal(crop, crop2) and torch.equal(region, region2)
+        for entry, entry2 in zip(bank.entries[c], restored.entries[c]):
+            assert entries_equal(entry, entry2)
 
 
 def test_resume_continues_with_the_same_bank(tmp_path):
@@ -290,8 +412,8 @@ def test_resume_continues_with_the_same_bank(tmp_path):
     resumed_bank, resumed_module = fit(tmp_path / "second", 4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed_bank.batches_seen == full_bank.batches_seen == 16
     assert bank_signature(resumed_bank) == bank_signature(full_bank)
-    for (crop, region), (crop2, region2) in zip(full_bank.entries[2], resumed_bank.entries[2]):
-        assert torch.equal(crop, crop2) and torch.equal(region, region2)
+    for entry, entry2 in zip(full_bank.entries[2], resumed_bank.entries[2]):
+        assert entries_equal(entry, entry2)
     for p, q in zip(full_module.parameters(), resumed_module.parameters()):
         torch.testing.assert_close(p, q)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import doctest
 import itertools
+import re
 from typing import Optional
 
 import pytest
@@ -300,6 +301,35 @@ def test_hinge_with_gamma_one_is_allowed() -> None:
 def test_bad_shapes_raise(logits_shape: tuple, target_shape: tuple, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PixelAUCLoss()(torch.randn(logits_shape), torch.zeros(target_shape, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("height", "width"), [(360, 480), (361, 479), (512, 1024), (97, 33)])
+@pytest.mark.parametrize("stride", [4, 8, 16, 32])
+def test_logits_of_a_strided_network_are_resized(height: int, width: int, stride: int) -> None:
+    """Output sizes of a network (ceil or floor of size / stride) pass the aspect check."""
+    target = torch.randint(0, 3, (1, height, width))
+    for h, w in {(-(-height // stride), -(-width // stride)), (height // stride, width // stride)}:
+        if min(h, w) > 0:
+            assert torch.isfinite(PixelAUCLoss()(torch.randn(1, 3, h, w), target))
+
+
+@pytest.mark.parametrize(
+    ("logits_shape", "target_shape"),
+    [((2, 16, 12, 5), (2, 16, 12)), ((2, 32, 32, 5), (2, 32, 32)), ((1, 5, 8, 32), (1, 32, 32))],
+)
+def test_logits_of_another_aspect_ratio_are_refused(logits_shape: tuple, target_shape: tuple) -> None:
+    """Channels-last logits [B, H, W, C] would be resized, distorted, to the target: an error names both
+    shapes and the layout to pass."""
+    logits, target = torch.randn(logits_shape), torch.zeros(target_shape, dtype=torch.long)
+    match = (
+        rf"`logits` of shape {re.escape(str(logits_shape))}, read as \[batch, classes, height, width\], for a "
+        rf"`target` of shape {re.escape(str(target_shape))}.*different aspect ratios.*HINT: pass logits as "
+        r"\[batch, classes, height, width\] \(`logits.permute\(0, 3, 1, 2\)`"
+    )
+    with pytest.raises(ValueError, match=match):
+        PixelAUCLoss()(logits, target)
+    with pytest.raises(ValueError, match="different aspect ratios"):
+        LF.pixel_auc_loss(logits, target)
 
 
 def test_bad_dtypes_raise() -> None:

@@ -126,6 +126,7 @@ def test_all_pixels_ignored_gives_zero_loss_not_nan():
         ({"tail_classes": []}, "empty"),
         ({"tail_classes": [9]}, "9"),
         ({"auc_loss": PixelAUCLoss(ignore_index=0), "ignore_index": 255}, "ignores label 0"),
+        ({"aux_weight": -0.5}, "aux_weight"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -148,6 +149,97 @@ def test_wrong_number_of_output_channels(tmp_path):
     module = SegmentationModule(torch.nn.Conv2d(3, 2, 1), num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="returns 2 channels"):
         trainer(tmp_path, fast_dev_run=True).fit(module, datamodule=ToySegData())
+
+
+def test_logits_of_another_aspect_ratio_are_refused():
+    class Transposed(torch.nn.Module):  # a layout bug: [B, C, W, H]
+        def __init__(self, num_classes):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, num_classes, 1)
+
+        def forward(self, x):
+            return self.conv(x).transpose(2, 3)
+
+    module = SegmentationModule(Transposed, num_classes=NUM_CLASSES, ignore_index=IGNORE)
+    images, masks = torch.rand(2, 3, 16, 8), torch.zeros(2, 16, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"SegmentationModule got `logits` of shape \(2, 4, 8, 16\).*`target` of "
+                       r"shape \(2, 16, 8\).*different aspect ratios.*HINT: pass logits as \[batch, classes"):
+        module._logits(images, masks)
+
+
+def dict_loader(key_image: str, key_mask: str, n: int = 8) -> torch.utils.data.DataLoader:
+    images, masks = toy_segmentation(n)
+    samples = [{key_image: image, key_mask: mask, "id": i} for i, (image, mask) in enumerate(zip(images, masks))]
+    return torch.utils.data.DataLoader(samples, batch_size=4)
+
+
+def test_dict_batches_with_other_keys(tmp_path):
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES, ignore_index=IGNORE, image_key="img", mask_key="gt")
+    t = trainer(tmp_path, limit_train_batches=2, limit_val_batches=1)
+    t.fit(module, train_dataloaders=dict_loader("img", "gt"), val_dataloaders=dict_loader("img", "gt"))
+    assert "val/miou" in t.callback_metrics
+    (preds,) = t.predict(module, dataloaders=dict_loader("img", "gt", n=4))
+    assert preds.shape == (4, 16, 16)
+    plain = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES, ignore_index=IGNORE)
+    with pytest.raises(ValueError, match=r"without the key\(s\) \['image', 'mask'\]; its keys are \['img', 'gt', 'id'\]"
+                       r"\. HINT: pass `image_key=...` and `mask_key=...` to SegmentationModule"):
+        trainer(tmp_path, fast_dev_run=True).fit(plain, dict_loader("img", "gt"), dict_loader("img", "gt"))
+    with pytest.raises(ValueError, match=r"without the key 'image'; its keys are \['img', 'gt', 'id'\]\. HINT: pass "
+                       r"`image_key=...`"):
+        trainer(tmp_path).predict(plain, dataloaders=dict_loader("img", "gt", n=4))
+
+
+def aux_net(num_classes: int) -> TorchvisionSegmentation:
+    return TorchvisionSegmentation(num_classes, arch="deeplabv3_mobilenet_v3_large", aux_loss=True)
+
+
+def test_auxiliary_head_is_trained_with_weight_half(tmp_path):
+    """torchvision's reference training: loss = CE(out) + 0.5 * CE(aux); the auxiliary head learns."""
+    torch.manual_seed(0)
+    module = SegmentationModule(aux_net, num_classes=NUM_CLASSES, ignore_index=IGNORE, auc_loss=PixelAUCLoss())
+    images, masks = toy_segmentation(4)
+    module.eval()  # fixed batch-norm statistics, so that the two forward passes agree
+    logits, aux = module._train_logits(images, masks)
+    losses = module.compute_losses(logits, masks, aux)
+    out, expected_aux = module.net.forward_with_aux(images)
+    ce = F.cross_entropy(out, masks, ignore_index=IGNORE)
+    aux_ce = F.cross_entropy(expected_aux, masks, ignore_index=IGNORE)
+    torch.testing.assert_close(losses["loss_aux"], aux_ce)
+    torch.testing.assert_close(losses["loss"], ce + 1.0 * PixelAUCLoss(ignore_index=IGNORE)(out, masks) + 0.5 * aux_ce)
+
+    module = SegmentationModule(aux_net, num_classes=NUM_CLASSES, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+    head = {k: v.clone() for k, v in module.net.model.aux_classifier.state_dict().items()}
+    t = trainer(tmp_path, limit_train_batches=2, limit_val_batches=0)
+    t.fit(module, datamodule=ToySegData())
+    assert "train/loss_aux" in t.callback_metrics
+    changed = [k for k, v in module.net.model.aux_classifier.state_dict().items() if not torch.equal(v, head[k])]
+    assert any(k.endswith("weight") and "running" not in k for k in changed)  # trained, not just BN statistics
+
+
+def test_auxiliary_head_of_a_plain_torchvision_model():
+    """A torchvision model given as an instance returns {"out", "aux"}: its auxiliary logits are trained too."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True
+    ).eval()
+    module = SegmentationModule(net, num_classes=NUM_CLASSES, ignore_index=IGNORE, aux_weight=0.4)
+    images, masks = toy_segmentation(2)
+    logits, aux = module._train_logits(images, masks)
+    losses = module.compute_losses(logits, masks, aux)
+    out = net(images)
+    expected_aux = F.cross_entropy(out["aux"], masks, ignore_index=IGNORE)
+    torch.testing.assert_close(losses["loss_aux"], expected_aux)
+    torch.testing.assert_close(losses["loss"], F.cross_entropy(out["out"], masks, ignore_index=IGNORE) + 0.4 * expected_aux)
+    with pytest.raises(ValueError, match="auxiliary head but `aux_weight` is 0"):
+        SegmentationModule(net, num_classes=NUM_CLASSES, aux_weight=0.0)
+
+
+def test_auxiliary_head_with_zero_weight_is_an_error():
+    with pytest.raises(ValueError, match=r"auxiliary head but `aux_weight` is 0.*HINT: set `aux_weight` > 0 .*`aux_loss=False`"):
+        SegmentationModule(aux_net, num_classes=NUM_CLASSES, aux_weight=0.0)
+    SegmentationModule(TinySegNet, num_classes=NUM_CLASSES, aux_weight=0.0)  # no auxiliary head: fine
 
 
 # ------------------------------------------------------------------------------------ training run
