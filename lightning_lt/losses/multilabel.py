@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
     "AsymmetricLoss",
+    "all_gather_with_grad",
     "asymmetric_loss",
     "energy_gap_loss",
     "joint_energy",
@@ -90,12 +92,65 @@ def outlier_confidence_loss(oe_logits: Tensor) -> Tensor:
     return F.softplus(oe_logits).mean()
 
 
-def energy_gap_loss(id_logits: Tensor, oe_logits: Tensor, k: int = 50, margin: float = 1.0) -> Tensor:
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenation of every process's 1-D ``tensor`` (any lengths) in rank order; the gradient of a process's
+    slice is the sum over processes of the gradients they give it (all-reduce), as for a loss summed over them."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        world = dist.get_world_size()
+        sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device))
+        sizes = [int(size) for size in sizes]
+        padded = tensor.new_zeros(max(sizes))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded)
+        rank = dist.get_rank()
+        ctx.start, ctx.stop = sum(sizes[:rank]), sum(sizes[: rank + 1])
+        return torch.cat([part[:size] for part, size in zip(gathered, sizes)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.start : ctx.stop]
+
+
+def all_gather_with_grad(tensor: Tensor) -> Tensor:
+    """Every process's 1-D ``tensor`` concatenated in rank order, differentiable; ``tensor`` itself when not
+    distributed (or one process).
+
+    Under DDP every process computes the same loss of the gathered values; the backward all-reduce sums their
+    gradients, and DDP averages over the processes, so the update equals that of the loss on the global batch.
+    Every process must call it (a collective). Lengths may differ between processes.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    if tensor.ndim != 1:
+        raise ValueError(
+            f"Expected a 1-D tensor to gather, got shape {tuple(tensor.shape)}. HINT: gather `tensor.flatten()`."
+        )
+    return _AllGatherWithGrad.apply(tensor)
+
+
+def energy_gap_loss(
+    id_logits: Tensor, oe_logits: Tensor, k: int = 50, margin: float = 1.0, global_batch: bool = False
+) -> Tensor:
     """The energy-gap term of unknown-aware multi-label training (EDGE, AAAI 2025).
 
     With ``S`` the JointEnergy and ``J`` the ``k`` in-distribution samples of the batch with the lowest
     ``S`` (all of them when the batch has fewer): ``L_gap = mean_{o, j in J} relu(S(x_o) - S(x_j) + margin)``:
     every outlier must score at least ``margin`` below the least confident in-distribution samples.
+
+    With ``global_batch=True`` under ``torch.distributed``, the batch is the **global** one: the ID and OE
+    JointEnergies of every process are gathered (with gradients, :func:`all_gather_with_grad`) before the
+    bottom-``k`` selection, so every process computes the loss of the union of the batches and a DDP step equals
+    the single-process step on it (the reference trains with ``nn.DataParallel``, whose loss sees the whole
+    batch). Every process must then call it. Without it, each process takes the bottom-``k`` of its own batch.
+
+    Raises:
+        ValueError: ``k < 1``.
 
     Example:
         >>> id_logits = torch.tensor([[2.0], [0.0]])   # S = 2.1269, 0.6931
@@ -105,11 +160,12 @@ def energy_gap_loss(id_logits: Tensor, oe_logits: Tensor, k: int = 50, margin: f
     """
     if k < 1:
         raise ValueError(f"Expected `k` >= 1 (bottom-k in-distribution samples), got {k}")
-    if id_logits.shape[0] == 0 or oe_logits.shape[0] == 0:
-        return id_logits.sum() * 0.0 + oe_logits.sum() * 0.0
-    id_scores = joint_energy(id_logits)
+    id_scores, oe_scores = joint_energy(id_logits), joint_energy(oe_logits)
+    if global_batch:
+        id_scores, oe_scores = all_gather_with_grad(id_scores), all_gather_with_grad(oe_scores)
+    if id_scores.shape[0] == 0 or oe_scores.shape[0] == 0:
+        return id_scores.sum() * 0.0 + oe_scores.sum() * 0.0
     bottom = torch.topk(id_scores, min(k, id_scores.shape[0]), largest=False).values
-    oe_scores = joint_energy(oe_logits)
     return F.relu(oe_scores[:, None] - bottom[None, :] + margin).mean()
 
 

@@ -39,7 +39,10 @@ class MultiLabelOODModule(TaskModule):
     with ``L_conf = mean_{o, c} -log(1 - sigmoid(f_c(x_o)))`` over the OE images and labels and
     ``L_gap = mean_{o, j} relu(S(x_o) - S(x_j) + gap_margin)`` over OE images ``o`` and the ``gap_k``
     in-distribution images ``j`` of the batch with the lowest JointEnergy ``S`` (see
-    :mod:`lightning_lt.losses.multilabel`). ID and OE images go through the network in one forward pass.
+    :mod:`lightning_lt.losses.multilabel`). ID and OE images go through the network in one forward pass. Under
+    DDP the batch of ``L_gap`` is the global one, as in the reference (one ``nn.DataParallel`` batch): the
+    JointEnergies of all processes are gathered with their gradients, so the bottom-``gap_k`` is taken over the
+    union of the processes' batches and a DDP step equals the single-process step on that union.
 
     **Evaluation.** Batches ``(images, targets, is_ood)`` (``is_ood`` optional). Logged per stage: ``map``
     (macro mAP over the labels with a positive), ``map_head`` / ``map_tail``, one ``ap/<label>`` per label
@@ -62,7 +65,7 @@ class MultiLabelOODModule(TaskModule):
         alpha: weight of the OE confidence loss (``>= 0``).
         beta: weight of the energy-gap loss (``>= 0``).
         gap_start_epoch: first (0-based) epoch with the gap loss.
-        gap_k: bottom-k in-distribution images of the batch in the gap loss.
+        gap_k: bottom-k in-distribution images of the (global) batch in the gap loss.
         gap_margin: margin ``m`` of the gap loss.
         tail_labels / tail_threshold: see above.
         ood_score_names: OOD scores evaluated side by side.
@@ -185,7 +188,9 @@ class MultiLabelOODModule(TaskModule):
             losses["loss_conf"] = outlier_confidence_loss(oe_logits)
             total = total + self.alpha * losses["loss_conf"]
             if self.gap_active():
-                losses["loss_gap"] = energy_gap_loss(id_logits, oe_logits, self.gap_k, self.gap_margin)
+                losses["loss_gap"] = energy_gap_loss(
+                    id_logits, oe_logits, self.gap_k, self.gap_margin, global_batch=True
+                )
                 total = total + self.beta * losses["loss_gap"]
         losses["loss"] = total
         return losses

@@ -294,3 +294,73 @@ def test_gap_switch_holds_after_resume(tmp_path):
     assert resumed.record == {2: True, 3: True}
     for p, q in zip(full.parameters(), resumed.parameters()):
         torch.testing.assert_close(p, q)
+
+
+# ------------------------------------------------------------------------------ the gap loss under DDP
+
+GAP_STEPS, GAP_B, GAP_B_OE = 3, 4, 3  # per-process ID / OE batch; the global batch is twice as large
+
+
+class GlobalBatchData(LightningDataModule):
+    """``GAP_STEPS`` global batches of 2 * GAP_B ID and 2 * GAP_B_OE OE inputs. With ``world_size`` 2, rank r gets
+    half r of every global batch; with 1, the single process gets the whole global batch."""
+
+    def __init__(self, world_size: int) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        n, n_oe = GAP_STEPS * 2 * GAP_B, GAP_STEPS * 2 * GAP_B_OE
+        self.targets = (torch.rand(n, C, generator=g) < 0.4).float()
+        self.x = self.targets + 0.5 * torch.randn(n, C, generator=g)
+        self.x_oe = 0.3 + 0.5 * torch.randn(n_oe, C, generator=g)
+        self.world_size = world_size
+
+    def _half(self, n_per_rank: int, rank: int) -> torch.Tensor:
+        steps = torch.arange(GAP_STEPS)[:, None] * 2 * n_per_rank
+        return (steps + rank * n_per_rank + torch.arange(n_per_rank)).flatten()
+
+    def train_dataloader(self):
+        if self.world_size == 1:
+            idx, idx_oe, b, b_oe = torch.arange(len(self.x)), torch.arange(len(self.x_oe)), 2 * GAP_B, 2 * GAP_B_OE
+        else:
+            rank = self.trainer.global_rank
+            idx, idx_oe, b, b_oe = self._half(GAP_B, rank), self._half(GAP_B_OE, rank), GAP_B, GAP_B_OE
+        id_loader = DataLoader(TensorDataset(self.x[idx], self.targets[idx]), batch_size=b)
+        oe_loader = DataLoader(TensorDataset(self.x_oe[idx_oe], torch.zeros(len(idx_oe), C)), batch_size=b_oe)
+        return CombinedLoader({"id": id_loader, "oe": oe_loader}, mode="min_size")
+
+
+class WeightsWriter(MultiLabelOODModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.gaps = getattr(self, "gaps", []) + [float(self.trainer.callback_metrics["train/loss_gap_step"])]
+        return loss
+
+    def on_train_end(self):
+        record = {"params": [p.detach().flatten().tolist() for p in self.parameters()], "gaps": self.gaps,
+                  "world_size": self.trainer.world_size}
+        Path(self.trainer.default_root_dir).mkdir(parents=True, exist_ok=True)
+        Path(self.trainer.default_root_dir, f"rank{self.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.ddp
+@pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
+def test_ddp_gap_loss_equals_single_process_on_the_global_batch(tmp_path):
+    """gap_k = 3 is smaller than a process's 4 ID inputs: the bottom-3 of each process's half differs from the
+    bottom-3 of the global batch, so only gathering the JointEnergies makes the two runs agree."""
+    from lightning.pytorch import seed_everything
+
+    def fit(root, devices):
+        seed_everything(0)
+        module = WeightsWriter(Linear(), num_classes=C, alpha=1.0, beta=1.0, gap_start_epoch=0, gap_k=3,
+                               gap_margin=1.0, optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
+        kwargs = {"devices": 2, "strategy": DDP_STRATEGY, "use_distributed_sampler": False} if devices == 2 else {}
+        make_trainer(root, limit_val_batches=0, **kwargs).fit(module, datamodule=GlobalBatchData(devices))
+        return [json.loads(path.read_text()) for path in sorted(Path(root).glob("rank*.json"))]
+
+    (single,) = fit(tmp_path / "one", 1)
+    ddp = fit(tmp_path / "two", 2)
+    assert [r["world_size"] for r in ddp] == [2, 2] and len(single["gaps"]) == GAP_STEPS
+    for record in ddp:
+        assert record["gaps"] == pytest.approx(single["gaps"], rel=1e-5)  # every process logs the global loss
+        for p, q in zip(record["params"], single["params"]):
+            assert p == pytest.approx(q, rel=1e-5, abs=1e-6)
