@@ -1,4 +1,4 @@
-"""Backbones and classifier heads (CIFAR ResNets, torchvision feature extractors, MLP)."""
+"""Backbones and classifier heads (CIFAR ResNets, torchvision feature extractors, pretrained EfficientNet-Lite, MLP)."""
 
 from lightning_lt.nets.cifar_resnet import (
     BasicBlock,
@@ -10,22 +10,38 @@ from lightning_lt.nets.cifar_resnet import (
     resnet56,
     resnet110,
 )
+from lightning_lt.nets.efficientnet import (
+    EFFICIENTNET_LITE_MEAN,
+    EFFICIENTNET_LITE_STD,
+    EfficientNetLite,
+    EfficientNetLiteSegmentation,
+    available_efficientnet_lite,
+    efficientnet_lite_fpn,
+    efficientnet_lite_weights_path,
+)
 from lightning_lt.nets.heads import CosineClassifier, build_head
 from lightning_lt.nets.mlp import MLP
 from lightning_lt.nets.segmentation import TorchvisionSegmentation, available_segmentation_archs
 from lightning_lt.nets.torchvision_nets import TorchvisionBackbone, available_archs
 
 __all__ = [
+    "EFFICIENTNET_LITE_MEAN",
+    "EFFICIENTNET_LITE_STD",
     "MLP",
     "BasicBlock",
     "CIFARResNet",
     "CosineClassifier",
+    "EfficientNetLite",
+    "EfficientNetLiteSegmentation",
     "OptionAShortcut",
     "TorchvisionBackbone",
     "TorchvisionSegmentation",
     "available_archs",
+    "available_efficientnet_lite",
     "available_segmentation_archs",
     "build_head",
+    "efficientnet_lite_fpn",
+    "efficientnet_lite_weights_path",
     "resnet20",
     "resnet32",
     "resnet44",
