@@ -25,7 +25,7 @@ training throughput of ``Trainer.fit`` with a plain PyTorch loop (same model, lo
 update; medians of alternating repeats) and their ``ratio_to_loop``.
 
     python benchmarks/cifar10_lt.py                          # CPU, reduced schedule
-    python benchmarks/cifar10_lt.py --methods CE ImbSAM SSE-SAM SAM --throughput-steps 0 --name cifar10_lt-sam-cpu
+    python benchmarks/cifar10_lt.py --methods CE ImbSAM SSE-SAM SAM --throughput-steps 0 --threads 1 --name cifar10_lt-sam-cpu
     python benchmarks/cifar10_lt.py --epochs 200 --name cifar10_lt-gpu --accelerator gpu
 """
 
@@ -272,6 +272,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU intra-op threads (0: one per core). On a CPU shared with other jobs 1 is much "
+                             "faster: with more, threads wait for each other whenever one of them is descheduled")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--val-every", type=int, default=0, help="validate every N epochs (0: only at the end)")
     parser.add_argument("--seed", type=int, default=0)
@@ -291,7 +294,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.lr_gamma is None:
         args.lr_gamma = 0.01 if args.epochs >= 200 else 0.1
     if args.accelerator == "cpu":
-        set_threads()
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        else:
+            set_threads()
     dm = ImageFolderLT(
         root=args.root, imbalance_factor=args.imbalance_factor, in_memory=True, batch_size=args.batch_size,
         num_workers=args.num_workers, pin_memory=args.accelerator != "cpu",
