@@ -410,41 +410,47 @@ def native_detections(gt: dict, seed: int, per_box: int = 2, extra: int = 3) -> 
     return results
 
 
-def image_key(image: torch.Tensor) -> str:
-    """A fingerprint of the exact pixels of a loader image."""
-    import hashlib
+def tag_images(datamodule):
+    """Make ``datamodule``'s evaluation images carry their ``image_id`` in pixel ``[0, 0, 0]`` (exact in float32),
+    so that :class:`FixedDetector` knows which image it is given (everything else is the data module's own)."""
+    transform = datamodule.eval_transform()
 
-    return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    def tagged(image, target):
+        image, target = transform(image, target)
+        image[0, 0, 0] = float(target["image_id"])
+        return image, target
+
+    datamodule.eval_transform = lambda: tagged
+    return datamodule
 
 
 class FixedDetector(torch.nn.Module):
-    """A stand-in for the torchvision detector whose detections are given: it recognises each loader image by
-    its pixels and returns that image's detections (native pixels) scaled to the image it is given, in float32,
-    as the detector returns them."""
+    """A stand-in for the torchvision detector whose detections are given: it reads each image's id (see
+    :func:`tag_images`) and returns that image's detections (native pixels) scaled to the image it is given,
+    in float32, as the detector returns them."""
 
     def __init__(self, datamodule, results: list[dict]) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         label_of = {c: k for k, c in enumerate(datamodule.category_ids)}
-        natives = {r.image_id: (r.height, r.width) for r in datamodule.split_records("val")}
-        datamodule.setup("validate")
-        self.by_key = {}
-        for image, target in datamodule.val_dataset:
-            image_id = int(target["image_id"])
+        self.native_size = {r.image_id: (r.height, r.width) for r in datamodule.split_records("val")}
+        self.by_id = {}
+        for image_id in self.native_size:
             mine = [r for r in results if r["image_id"] == image_id]
             boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float64).reshape(-1, 4)
             boxes[:, 2:] += boxes[:, :2]
-            self.by_key[image_key(image)] = (
-                boxes, torch.tensor([r["score"] for r in mine]), torch.tensor([label_of[r["category_id"]] for r in mine],
-                                                                           dtype=torch.int64), natives[image_id])
+            scores = torch.tensor([r["score"] for r in mine], dtype=torch.float32)
+            labels = torch.tensor([label_of[r["category_id"]] for r in mine], dtype=torch.int64)
+            self.by_id[image_id] = (boxes, scores, labels)
 
     def forward(self, images):
         out = []
         for image in images:
-            boxes, scores, labels, (height, width) = self.by_key[image_key(image)]
+            image_id = int(image[0, 0, 0])
+            (boxes, scores, labels), (height, width) = self.by_id[image_id], self.native_size[image_id]
             h, w = image.shape[-2:]
             scale = torch.tensor([w / width, h / height] * 2, dtype=torch.float64)
-            out.append({"boxes": (boxes * scale).float(), "scores": scores.float(), "labels": labels})
+            out.append({"boxes": (boxes * scale).float(), "scores": scores, "labels": labels})
         return out
 
 
@@ -489,7 +495,7 @@ def assert_module_equals_cocoeval(metrics: dict, datamodule, stats, per_category
 def validate_with(datamodule, results, tmp_path, **trainer_kwargs) -> dict:
     module = DetectionModule("retinanet", num_classes=datamodule.num_classes, class_counts=datamodule.class_counts,
                              class_names=datamodule.class_names, backbone="resnet18", min_size=64, max_size=64)
-    module.model = FixedDetector(datamodule, results)
+    module.model = FixedDetector(tag_images(datamodule), results)
     trainer = make_trainer(tmp_path, **trainer_kwargs)
     trainer.validate(module, datamodule=datamodule, verbose=False)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
