@@ -12,9 +12,10 @@ with 0.1: 0.482 vs 0.397 on the H100). Methods (all but LDAM-DRW: CE loss, linea
 * ``CE``, ``LA`` (logit adjustment, tau 1), ``LDAM-DRW`` (cosine head, DRW beta 0.9999);
 * ``SAM``: ``callbacks.SAM`` rho 0.1 (the Saddle-LongTail CIFAR-10-LT CE value), 2 passes per step;
 * ``ImbSAM``: ``callbacks.ImbSAM`` rho 0.05, tail_threshold 100 (IF=100 has no class under 20 images;
-  the two classes with 83 and 50 images are the tail), 3 passes per step;
-* ``SSE-SAM``: ``callbacks.SSESAM`` rho_head 0.05, rho_tail 0.1, tail_threshold 100, gamma 0.7 (4 passes
-  per step for the first 70% of the epochs, then ImbSAM's 3);
+  the two classes with 83 and 50 images are the tail), tail_weight 2 (the official code doubles the tail
+  loss), 3 passes per step;
+* ``SSE-SAM``: ``callbacks.SSESAM`` rho_head 0.05, rho_tail 0.1, tail_threshold 100, gamma 0.7, tail_weight
+  1 (the official code's), 4 passes per step for the first 70% of the epochs, then ImbSAM's 3;
 * ``SAM-every-4``: ``callbacks.SAM`` rho 0.1, sam_every 4 (the efficient option: 1.25 passes per step).
 
 It writes ``benchmarks/results/<name>.json`` and ``<name>.md``: one row per method with ``acc``,
@@ -24,6 +25,7 @@ training throughput of ``Trainer.fit`` with a plain PyTorch loop (same model, lo
 update; medians of alternating repeats) and their ``ratio_to_loop``.
 
     python benchmarks/cifar10_lt.py                          # CPU, reduced schedule
+    python benchmarks/cifar10_lt.py --methods CE ImbSAM SSE-SAM SAM --throughput-steps 0 --threads 1 --name cifar10_lt-sam-cpu
     python benchmarks/cifar10_lt.py --epochs 200 --name cifar10_lt-gpu --accelerator gpu
 """
 
@@ -84,23 +86,36 @@ class Method:
     loss: Callable[..., torch.nn.Module]
     head: str = "linear"
     callbacks: Callable[[Schedule], list[Callback]] = field(default=lambda schedule: [])
+    describe: str = ""  # what the method is, for the results' setup
 
 
 METHODS: dict[str, Method] = {
-    "CE": Method(CrossEntropyLoss),
-    "LA": Method(functools.partial(LogitAdjustedLoss, tau=1.0)),
+    "CE": Method(CrossEntropyLoss, describe="CE, linear head"),
+    "LA": Method(functools.partial(LogitAdjustedLoss, tau=1.0), describe="logit-adjusted loss, tau 1"),
     "LDAM-DRW": Method(
         functools.partial(LDAMLoss, max_m=0.5, s=30.0),
         head="cosine",
         callbacks=lambda schedule: [DeferredReweighting(start_epoch=schedule.drw_start, beta=0.9999)],
+        describe="LDAM (max_m 0.5, s 30), cosine head, DRW beta 0.9999",
     ),
-    "SAM": Method(CrossEntropyLoss, callbacks=lambda schedule: [SAM(rho=0.1)]),
-    "ImbSAM": Method(CrossEntropyLoss, callbacks=lambda schedule: [ImbSAM(rho=0.05, tail_threshold=100)]),
+    "SAM": Method(CrossEntropyLoss, callbacks=lambda schedule: [SAM(rho=0.1)], describe="CE + callbacks.SAM(rho=0.1)"),
+    "ImbSAM": Method(
+        CrossEntropyLoss,
+        callbacks=lambda schedule: [ImbSAM(rho=0.05, tail_threshold=100, tail_weight=2.0)],
+        describe="CE + callbacks.ImbSAM(rho=0.05, tail_threshold=100, tail_weight=2.0) (tail: classes 8 and 9)",
+    ),
     "SSE-SAM": Method(
         CrossEntropyLoss,
-        callbacks=lambda schedule: [SSESAM(rho_head=0.05, rho_tail=0.1, tail_threshold=100, gamma=0.7)],
+        callbacks=lambda schedule: [
+            SSESAM(rho_head=0.05, rho_tail=0.1, tail_threshold=100, gamma=0.7, tail_weight=1.0)
+        ],
+        describe="CE + callbacks.SSESAM(rho_head=0.05, rho_tail=0.1, tail_threshold=100, gamma=0.7, tail_weight=1.0)",
     ),
-    "SAM-every-4": Method(CrossEntropyLoss, callbacks=lambda schedule: [SAM(rho=0.1, sam_every=4)]),
+    "SAM-every-4": Method(
+        CrossEntropyLoss,
+        callbacks=lambda schedule: [SAM(rho=0.1, sam_every=4)],
+        describe="CE + callbacks.SAM(rho=0.1, sam_every=4)",
+    ),
 }
 
 
@@ -257,6 +272,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--accelerator", default="cpu")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU intra-op threads (0: one per core). On a CPU shared with other jobs 1 is much "
+                             "faster: with more, threads wait for each other whenever one of them is descheduled")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--val-every", type=int, default=0, help="validate every N epochs (0: only at the end)")
     parser.add_argument("--seed", type=int, default=0)
@@ -265,6 +283,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--segment-minutes", type=float, default=0,
                         help="stop after this many minutes (at an epoch end) and save to --checkpoint-dir")
     parser.add_argument("--checkpoint-dir", default="", help="resume each method from <dir>/<method>.ckpt")
+    parser.add_argument("--note", action="append", default=[], help="a line for the results note (repeatable)")
     parser.add_argument("--name", default="cifar10_lt")
     parser.add_argument("--results-dir", default=str(RESULTS_DIR))
     return parser.parse_args(argv)
@@ -275,7 +294,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.lr_gamma is None:
         args.lr_gamma = 0.01 if args.epochs >= 200 else 0.1
     if args.accelerator == "cpu":
-        set_threads()
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        else:
+            set_threads()
     dm = ImageFolderLT(
         root=args.root, imbalance_factor=args.imbalance_factor, in_memory=True, batch_size=args.batch_size,
         num_workers=args.num_workers, pin_memory=args.accelerator != "cpu",
@@ -300,10 +322,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "throughput": f"training images/s from the end of the first batch to the end of the last, epochs "
                       f"after the first; Lightning vs plain loop: medians of {args.repeats} alternating "
                       f"repeats of {args.throughput_steps} steps",
+        "methods": "; ".join(f"{name} = {METHODS[name].describe}" for name in args.methods),
         **environment(),
     }
     notes = ["acc_few is null: CIFAR-10-LT IF=100 has no class with fewer than 20 training images "
-             "(8 many-shot, 2 medium-shot classes)."]
+             "(8 many-shot, 2 medium-shot classes).", *args.note]
     write_results(args.name, setup, rows, COLUMNS, notes, Path(args.results_dir))
 
 

@@ -7,7 +7,11 @@ SGD lr ``--lr`` with momentum 0.9, ``--epochs`` epochs, batch 4. Rows:
 
 * ``RetinaNet-focal`` / ``FCOS-focal``: the stock focal loss (alpha 0.25, gamma 2, prior 0.01 bias);
 * ``RetinaNet-SF`` / ``FCOS-SF``: sampling-free: optimal bias initialisation from one pass over the
-  training set, plain BCE over all anchors with guided loss scaling, adaptive score threshold ``pi * K``.
+  training set, plain BCE over all anchors (points) of the batch divided by its foreground anchors plus its
+  images, with guided loss scaling, adaptive score threshold ``pi * K``.
+
+The mAP is the module's ``val/map``: COCOeval of the detections mapped back to native pixels against the
+val2017 json's own boxes and areas.
 
 Keys: ``map`` (AP@[.5:.95]), ``ap50``, ``ap_rare`` / ``ap_common`` / ``ap_frequent`` (classes with 1-10 /
 11-100 / >100 training boxes; coco128 has no class with more than 100 boxes except person), and
@@ -104,6 +108,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work-dir", default="/tmp/lightning_lt_detection_bench")
     parser.add_argument("--name", default="detection")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line for the results note (what changed since the last run and why); repeatable")
     args = parser.parse_args()
     if not Path(args.root).exists():
         parser.error(f"COCO-128 not found at {args.root}; pass --root (COCO layout)")
@@ -124,7 +130,8 @@ def main() -> None:
     }
     notes = ["All rows train from scratch on 128 images, so absolute AP is tiny; the comparison is focal vs "
              "sampling-free under the same schedule. images_per_s: training images per second from the second "
-             "epoch on (data loading included)."]
+             "epoch on (data loading included). map: COCOeval of the detections in native pixels against "
+             "the val2017 json's boxes and areas.", *args.note]
     print(write_results(args.name, setup, rows, COLUMNS, notes, results_dir=RESULTS_DIR))
 
 

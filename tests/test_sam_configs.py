@@ -29,12 +29,15 @@ EXPECTED = {
     ("cifar100_lt", "sam_ce"): (SAM, {"rho": 0.2}),
     ("cifar100_lt", "sam_ldam_drw"): (SAM, {"rho": 0.8}),
     # CIFAR-10-LT IF=100 has no class under 20 images: eta 100 there
-    ("cifar10_lt", "imbsam_ce"): (ImbSAM, {"rho": 0.05, "tail_threshold": 100}),
-    ("cifar10_lt", "imbsam_ldam_drw"): (ImbSAM, {"rho": 0.05, "tail_threshold": 100}),
-    ("cifar100_lt", "imbsam_ce"): (ImbSAM, {"rho": 0.05, "tail_threshold": 20}),
-    ("cifar100_lt", "imbsam_ldam_drw"): (ImbSAM, {"rho": 0.05, "tail_threshold": 20}),
+    # tail_weight: the official code's factor on the tail loss (ImbSAM 2, SSE-SAM 1)
+    ("cifar10_lt", "imbsam_ce"): (ImbSAM, {"rho": 0.05, "tail_threshold": 100, "tail_weight": 2.0}),
+    ("cifar10_lt", "imbsam_ldam_drw"): (ImbSAM, {"rho": 0.05, "tail_threshold": 100, "tail_weight": 2.0}),
+    ("cifar100_lt", "imbsam_ce"): (ImbSAM, {"rho": 0.05, "tail_threshold": 20, "tail_weight": 2.0}),
+    ("cifar100_lt", "imbsam_ldam_drw"): (ImbSAM, {"rho": 0.05, "tail_threshold": 20, "tail_weight": 2.0}),
     **{
-        (dataset, f"ssesam_{base}"): (SSESAM, {"rho_head": 0.05, "rho_tail": 0.10, "tail_threshold": 100, "gamma": 0.7})
+        (dataset, f"ssesam_{base}"): (
+            SSESAM, {"rho_head": 0.05, "rho_tail": 0.10, "tail_threshold": 100, "gamma": 0.7, "tail_weight": 1.0}
+        )
         for dataset in ("cifar10_lt", "cifar100_lt")
         for base in ("ce", "ldam_drw")
     },
@@ -123,6 +126,10 @@ def test_config_header(key):
         assert "ResNet-34, batch 64, SGD lr 0.01" in header and "wd 1e-3, cosine" in header
     if key == ("cifar10_lt", "imbsam_ce") or key == ("cifar10_lt", "imbsam_ldam_drw"):
         assert "tail_threshold 100" in header and "no class under 20" in header
+    if name.startswith("imbsam_"):
+        assert "tail_weight 2.0 reproduces the official ImbSAM step" in header
+    if name.startswith("ssesam_"):
+        assert "tail_weight 1.0 reproduces the official SSE-SAM step" in header
 
 
 # ------------------------------------------------------------------------------------ OptimizerStages

@@ -20,8 +20,14 @@ losses and targets from ``training_step``, by this protocol::
         per_sample_loss = F.cross_entropy(self(x), y, reduction="none")   # [B]
         return {"loss": per_sample_loss.mean(), "per_sample_loss": per_sample_loss, "target": y}
 
-(``loss`` must equal ``per_sample_loss.mean()``.) :class:`~lightning_lt.tasks.LongTailClassifier`
-follows it. The group losses are ``sum_{i in group} l_i / B``.
+(``loss`` must equal ``per_sample_loss.mean()``: the callbacks optimise the per-sample losses, so a
+weighting applied to ``loss`` only would be lost; the first step of every epoch checks it, to a relative
+tolerance of 1e-4, and raises otherwise.)
+:class:`~lightning_lt.tasks.LongTailClassifier` follows it. The group losses are
+``L_head = sum_{y_i not in T} l_i / B`` and ``L_tail = tail_weight * sum_{y_i in T} l_i / B`` (2 for
+ImbSAM, 1 for SSE-SAM, as their official code); a plain step (``sam_every``) back-propagates
+``L_head + L_tail``. What is logged is unchanged: ``self.log`` in ``training_step`` sees the module's own
+``loss`` of the first pass, and ``on_train_batch_end`` gets that ``loss`` too, not the weighted objective.
 
 Limits, checked at ``setup`` with a message that says what to do: automatic optimization only, one
 optimizer, ``accumulate_grad_batches=1``, precision ``32-true`` / ``bf16-mixed`` (``16-mixed`` steps
@@ -97,6 +103,8 @@ class SAMAdapter:
         self._batch_loss: Optional[Tensor] = None  # whole-batch loss of the current pass (head/tail methods)
         #: ``sam_steps`` of the wrapper saved in a checkpoint, given to the next wrapper installed.
         self._restored_sam_steps: Optional[int] = None
+        #: whether `loss == per_sample_loss.mean()` was checked (at the first step after install and of each epoch)
+        self._loss_checked = False
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapper's step count (which steps are SAM steps with ``sam_every > 1``), for checkpoints."""
@@ -147,6 +155,7 @@ class SAMAdapter:
         else:
             self.wrapper = None
         self._restored_sam_steps = None
+        self._loss_checked = False
         self._pl_module = pl_module
         model = trainer.strategy.model
         self._ddp_model = model if isinstance(model, DistributedDataParallel) else None
@@ -181,13 +190,42 @@ class SAMAdapter:
                     f"{type(output).__name__ if not isinstance(output, Mapping) else sorted(output)}. "
                     f"HINT: {PROTOCOL_HINT}."
                 )
-            if adapter._group is None:
-                return output
+            if not adapter._loss_checked:
+                adapter.check_protocol_loss(output["loss"], output["per_sample_loss"], type(pl_module).__name__)
+                adapter._loss_checked = True
             adapter._batch_loss = output["loss"]
+            # group None: a plain step's pass, L_head + L_tail with the same tail weight
             loss = wrapper.group_loss(output["per_sample_loss"], output["target"], adapter._group)
             return {**output, "loss": loss}
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
+
+    def recheck_protocol_loss(self) -> None:
+        """Check ``loss == per_sample_loss.mean()`` again at the next step."""
+        self._loss_checked = False
+
+    def check_protocol_loss(self, loss: Any, per_sample_loss: Tensor, module_name: str) -> None:
+        """Raise unless ``loss`` equals ``per_sample_loss.mean()``, to a relative tolerance of 1e-4 (1e-2 when
+        either is half precision)."""
+        if not isinstance(loss, Tensor) or per_sample_loss.numel() == 0:
+            return
+        half = {torch.float16, torch.bfloat16} & {loss.dtype, per_sample_loss.dtype}
+        mean = per_sample_loss.detach().double().mean()
+        if loss.numel() == 1:
+            value = loss.detach().double().reshape(())
+            if torch.isclose(value, mean, rtol=1e-2 if half else 1e-4, atol=1e-6):
+                return
+            got = f"{value.item():.6g}"
+        else:
+            got = f"of shape {tuple(loss.shape)}"
+        raise ValueError(
+            f"{self.owner}: {module_name}.training_step returned a `loss` ({got}) that is not the mean of its "
+            f"`per_sample_loss` ({mean.item():.6g}). {self.owner} back-propagates the head and tail parts of "
+            "`per_sample_loss`, so it would optimise the per-sample losses and silently drop whatever `loss` adds "
+            "(e.g. class weights). Fix: return per-sample losses whose mean is `loss`, e.g. with per-class weights "
+            "w: `per_sample_loss = w[y] * l * len(y) / w[y].sum()` and `loss = per_sample_loss.mean()` (a "
+            "lightning_lt loss gives them as `loss_fn.per_sample_loss(logits, y)`)."
+        )
 
     def unpatch_training_step(self) -> None:
         if self._original_training_step is not None and self._pl_module is not None:
@@ -283,6 +321,10 @@ class _AdapterCallback(StageCallback):
         if stage == "fit":
             self.adapter.uninstall(trainer)
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.adapter.recheck_protocol_loss()  # loss weights (e.g. DRW) change at epoch starts
+        super().on_train_epoch_start(trainer, pl_module)
+
     @property
     def optimizer(self) -> Optional[sam_optim.GroupSAM]:
         """The installed wrapper (during ``fit``)."""
@@ -361,26 +403,47 @@ class SAM(_SAMFamily):
 class ImbSAM(_SAMFamily):
     """ImbSAM: SAM on the tail-class loss only (classes with ``n_c < tail_threshold``), three passes a step.
 
-    Needs the per-sample protocol of this module's docstring and ``class_counts`` on the module.
+    ``g = grad L_head(w) + grad L_tail(w + e)`` with ``L_head = sum_{y_i not in T} l_i / B`` and
+    ``L_tail = tail_weight * sum_{y_i in T} l_i / B``. The defaults reproduce the official step
+    (cool-xuan/Imbalanced_SAM, ``utils/trainval.py``): ``tail_weight=2`` as its ``... / B * 2``, rho 0.05,
+    eta 20 (see :class:`lightning_lt.optim.ImbSAM`). Needs the per-sample protocol of this module's
+    docstring and ``class_counts`` on the module.
 
     Args:
         rho: radius of the tail-loss perturbation (0.05).
         tail_threshold: ``eta``; classes with fewer training samples are the tail (20 = CIFAR-100-LT's
             few-shot classes).
+        tail_weight: the factor on the tail loss (2.0, as published; 1.0 splits the batch-mean loss).
         adaptive: ASAM-style perturbation.
-        sam_every: a sharpness-aware step every ``sam_every`` steps, a plain one otherwise.
+        sam_every: a sharpness-aware step every ``sam_every`` steps, a plain one (on ``L_head + L_tail``)
+            otherwise.
+
+    Example:
+        >>> callback = ImbSAM(rho=0.05, tail_threshold=20)
+        >>> callback.tail_weight
+        2.0
     """
 
-    def __init__(self, rho: float = 0.05, tail_threshold: int = 20, adaptive: bool = False, sam_every: int = 1) -> None:
+    def __init__(
+        self,
+        rho: float = 0.05,
+        tail_threshold: int = 20,
+        tail_weight: float = 2.0,
+        adaptive: bool = False,
+        sam_every: int = 1,
+    ) -> None:
         super().__init__()
         self.rho = check_rho("rho", rho)
         self.tail_threshold = _check_threshold(tail_threshold)
+        self.tail_weight = sam_optim.check_tail_weight(tail_weight)
         self.adaptive = adaptive
         self.sam_every = sam_optim._check_sam_every(sam_every)
 
     def make_wrapper(self, base: Optimizer, pl_module: pl.LightningModule) -> Optimizer:
         tail = tail_classes_of(getattr(pl_module, "class_counts", None), self.tail_threshold, type(self).__name__)
-        return sam_optim.ImbSAM(base, tail, rho=self.rho, adaptive=self.adaptive, sam_every=self.sam_every)
+        return sam_optim.ImbSAM(
+            base, tail, rho=self.rho, tail_weight=self.tail_weight, adaptive=self.adaptive, sam_every=self.sam_every
+        )
 
     def stage_at(self, epoch: int, trainer: pl.Trainer) -> Hashable:
         return "imbsam"
@@ -390,7 +453,12 @@ class ImbSAM(_SAMFamily):
 
 
 class SSESAM(_SAMFamily):
-    """SSE-SAM: stage 1 perturbs head and tail losses separately (4 passes), stage 2 is ImbSAM.
+    """SSE-SAM: stage 1 perturbs head and tail losses separately (4 passes), stage 2 is ImbSAM's update.
+
+    ``L_head = sum_{y_i not in T} l_i / B``, ``L_tail = tail_weight * sum_{y_i in T} l_i / B``; the defaults
+    reproduce the official step (Zemdalk/SSE-SAM, ``utils/trainval.py``): no factor on either loss in
+    either stage (``tail_weight=1``; so stage 2 is the ImbSAM update *without* ImbSAM's doubled tail loss),
+    rho_head 0.05, rho_tail 0.10, eta 100, gamma 0.7 (its README). See :class:`lightning_lt.optim.SSESAM`.
 
     Stage 2 starts at the first epoch ``e`` with ``e >= gamma * max_epochs`` (the official code counts
     finished epochs and switches once the count reaches ``gamma * total_epochs``), i.e. epoch
@@ -401,6 +469,7 @@ class SSESAM(_SAMFamily):
         rho_head / rho_tail: radii of the head and tail perturbations (0.05 / 0.10).
         tail_threshold: ``eta``; classes with fewer training samples are the tail (100 in the paper).
         gamma: fraction of ``max_epochs`` trained in stage 1 (0.7).
+        tail_weight: the factor on the tail loss (1.0, as in the official code).
         adaptive: ASAM-style perturbations.
         sam_every: a sharpness-aware step every ``sam_every`` steps, a plain one otherwise.
     """
@@ -411,6 +480,7 @@ class SSESAM(_SAMFamily):
         rho_tail: float = 0.10,
         tail_threshold: int = 100,
         gamma: float = 0.7,
+        tail_weight: float = 1.0,
         adaptive: bool = False,
         sam_every: int = 1,
     ) -> None:
@@ -421,6 +491,7 @@ class SSESAM(_SAMFamily):
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma:
             raise ValueError(f"Expected `gamma` (fraction of training in stage 1) to be >= 0, got {gamma!r}")
         self.gamma = float(gamma)
+        self.tail_weight = sam_optim.check_tail_weight(tail_weight)
         self.adaptive = adaptive
         self.sam_every = sam_optim._check_sam_every(sam_every)
 
@@ -437,7 +508,8 @@ class SSESAM(_SAMFamily):
     def make_wrapper(self, base: Optimizer, pl_module: pl.LightningModule) -> Optimizer:
         tail = tail_classes_of(getattr(pl_module, "class_counts", None), self.tail_threshold, type(self).__name__)
         return sam_optim.SSESAM(
-            base, tail, rho_head=self.rho_head, rho_tail=self.rho_tail, adaptive=self.adaptive, sam_every=self.sam_every
+            base, tail, rho_head=self.rho_head, rho_tail=self.rho_tail, tail_weight=self.tail_weight,
+            adaptive=self.adaptive, sam_every=self.sam_every,
         )
 
     def stage_at(self, epoch: int, trainer: pl.Trainer) -> Hashable:
@@ -447,7 +519,7 @@ class SSESAM(_SAMFamily):
         self.adapter.wrapper.set_stage(int(stage))  # type: ignore[union-attr]
 
     def describe_stage(self, stage: Hashable) -> str:
-        return "1 (head and tail perturbed)" if stage == 1 else "2 (ImbSAM: tail perturbed only)"
+        return "1 (head and tail perturbed)" if stage == 1 else "2 (ImbSAM update: tail perturbed only)"
 
 
 class OptimizerStages(_AdapterCallback):

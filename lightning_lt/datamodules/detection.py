@@ -7,17 +7,23 @@ A batch is ``(images, targets)``, two lists of the same length (images differ in
 - ``targets[i]``: ``{"boxes": float32 [N_i, 4], "labels": int64 [N_i], "image_id": int64 [], "orig_size":
   int64 [2]}``, boxes ``(x1, y1, x2, y2)`` in absolute pixels of ``images[i]``, labels in ``[0, K)``, and
   ``orig_size`` the ``(H, W)`` of the image file before any resizing. An image without boxes has ``[0, 4]``
-  boxes and ``[0]`` labels (RetinaNet, FCOS and Faster R-CNN accept that).
+  boxes and ``[0]`` labels (RetinaNet, FCOS and Faster R-CNN accept that). The evaluation loaders' targets
+  also hold ``"ground_truth"``: every box of the annotation file as annotated (native pixels, crowd /
+  difficult ones with ``iscrowd=1``, the annotated ``area``), what COCOeval compares detections with once
+  they are mapped back to native pixels (:class:`~lightning_lt.tasks.DetectionModule` does).
 
 The long tail is over boxes: ``class_counts[c]`` is the number of training boxes of class ``c`` (the boxes the
 training targets hold, after the bad-box handling below), read from the annotation files only.
 
 Bad boxes are repaired once, when a split's annotations are read: every box is clipped to its image and a box
 with non-positive width or height after clipping is dropped (a zero-width box, a box entirely outside the
-image). ``box_report`` counts both per split and a warning names them. COCO crowd boxes (``iscrowd=1``) and
-VOC objects marked difficult (unless ``use_difficult``) are *ignored*: not in the loader's targets nor in
-``class_counts``, kept as ``iscrowd=1`` regions in :meth:`DetectionDataModule.coco_ground_truth` so that
-COCOeval neither rewards nor penalises detections on them.
+image) from the loaders' ``boxes``. ``box_report`` counts both per split and a warning names the dropped
+ones. A box annotated with a negative width or height is an error in the annotation file: it is dropped from
+training and evaluation, with a warning naming it (COCO: its annotation id) and the fix. The evaluation
+ground truth is otherwise the annotation file's (COCOeval on the data set's own json scores boxes outside the
+image as they are). COCO crowd boxes (``iscrowd=1``) and VOC objects marked difficult (unless
+``use_difficult``) are *ignored*: not in the loader's ``boxes`` nor in ``class_counts``, kept as ``iscrowd=1``
+regions of the evaluation ground truth so that COCOeval neither rewards nor penalises detections on them.
 """
 
 import json
@@ -123,7 +129,9 @@ def detection_collate(batch: Sequence[tuple[torch.Tensor, dict]]) -> tuple[list[
 # ---------------------------------------------------------------------------------------------- records and dataset
 class DetectionRecord(NamedTuple):
     """One annotated image: boxes ``float64 [N, 4]`` xyxy in pixels of the image file, labels ``int64 [N]``,
-    areas ``float64 [N]`` (COCO's ``area``, else the box area), ``ignore`` ``bool [N]`` (crowd / difficult)."""
+    areas ``float64 [N]`` (COCO's ``area``, else the box area), ``ignore`` ``bool [N]`` (crowd / difficult) and
+    ``ann_ids`` ``object [N]``, how the annotation file names each box (COCO: the annotation ``id``; VOC:
+    ``"<image id>.xml object <k>"``), for messages."""
 
     file: str
     image_id: int
@@ -133,27 +141,50 @@ class DetectionRecord(NamedTuple):
     labels: np.ndarray
     areas: np.ndarray
     ignore: np.ndarray
+    ann_ids: np.ndarray
 
 
-def _clip_record(record: DetectionRecord) -> tuple[DetectionRecord, int, int]:
-    """Clip the boxes to the image and drop those with non-positive size; ``(record, clipped, dropped)``.
+def _select(record: DetectionRecord, keep: np.ndarray, boxes: Optional[np.ndarray] = None) -> DetectionRecord:
+    """``record`` with only the boxes where ``keep`` is true (``boxes`` replaces the box array first)."""
+    boxes = record.boxes if boxes is None else boxes
+    return record._replace(
+        boxes=boxes[keep], labels=record.labels[keep], areas=record.areas[keep], ignore=record.ignore[keep],
+        ann_ids=record.ann_ids[keep],
+    )
 
-    ``clipped`` counts kept boxes that clipping changed, ``dropped`` the removed ones (disjoint counts); both
-    count only the boxes that are not ignored (ignored ones are clipped and dropped silently).
+
+def _negative_size(record: DetectionRecord) -> np.ndarray:
+    """``bool [N]``: boxes annotated with a negative width or height (``x2 < x1`` or ``y2 < y1``)."""
+    return (record.boxes[:, 2] < record.boxes[:, 0]) | (record.boxes[:, 3] < record.boxes[:, 1])
+
+
+def _clip_record(record: DetectionRecord) -> tuple[DetectionRecord, int, list]:
+    """Clip the boxes to the image and drop those with non-positive size; ``(record, clipped, dropped ids)``.
+
+    ``clipped`` counts kept boxes that clipping changed, ``dropped`` lists the ``ann_ids`` of the removed ones;
+    both cover only the boxes that are not ignored (ignored ones are clipped and dropped silently).
     """
     boxes = record.boxes
     if len(boxes) == 0:
-        return record, 0, 0
+        return record, 0, []
     limits = np.array([record.width, record.height, record.width, record.height], dtype=np.float64)
     clipped_boxes = np.clip(boxes, 0.0, limits)
     keep = (clipped_boxes[:, 2] > clipped_boxes[:, 0]) & (clipped_boxes[:, 3] > clipped_boxes[:, 1])
     changed = np.any(clipped_boxes != boxes, axis=1)
     counted = ~record.ignore
-    clipped, dropped = int(np.sum(keep & changed & counted)), int(np.sum(~keep & counted))
-    record = record._replace(
-        boxes=clipped_boxes[keep], labels=record.labels[keep], areas=record.areas[keep], ignore=record.ignore[keep]
-    )
-    return record, clipped, dropped
+    clipped, dropped = int(np.sum(keep & changed & counted)), record.ann_ids[~keep & counted].tolist()
+    return _select(record, keep, clipped_boxes), clipped, dropped
+
+
+def _ground_truth(record: DetectionRecord) -> dict[str, torch.Tensor]:
+    """The evaluation ground truth of ``record`` as :class:`~lightning_lt.metrics.DetectionMAP` takes it: boxes as
+    annotated (native pixels, ``float64``), labels, ``iscrowd`` (the ignored boxes) and ``area``."""
+    return {
+        "boxes": torch.as_tensor(record.boxes, dtype=torch.float64).reshape(-1, 4),
+        "labels": torch.as_tensor(record.labels, dtype=torch.int64).reshape(-1),
+        "iscrowd": torch.as_tensor(record.ignore, dtype=torch.int64).reshape(-1),
+        "area": torch.as_tensor(record.areas, dtype=torch.float64).reshape(-1),
+    }
 
 
 class DetectionDataset(Dataset):
@@ -162,16 +193,27 @@ class DetectionDataset(Dataset):
     The target handed to ``transform`` is ``{"boxes": BoundingBoxes (XYXY, canvas (H, W)), "labels": int64,
     "image_id": int64 [], "orig_size": int64 [(H, W)]}`` with the ignored (crowd / difficult) boxes left out,
     and the image a ``uint8`` :class:`~torchvision.tv_tensors.Image`. Without ``transform`` these are returned
-    as they are.
+    as they are. With ``ground_truth`` (one record per image, the boxes as annotated) the target also holds
+    ``"ground_truth"``: ``{"boxes": float64 [M, 4] (xyxy, native pixels, not clipped), "labels", "iscrowd",
+    "area"}``, every box of the annotation file (crowd / difficult ones with ``iscrowd=1``), which no transform
+    changes: what COCOeval compares detections mapped back to native pixels with.
 
     Raises:
         ValueError: (on access) an image file whose size differs from the annotation's (the boxes were clipped
             to the annotated size).
     """
 
-    def __init__(self, records: Sequence[DetectionRecord], transform: Optional[Callable] = None) -> None:
+    def __init__(
+        self, records: Sequence[DetectionRecord], transform: Optional[Callable] = None,
+        ground_truth: Optional[Sequence[DetectionRecord]] = None,
+    ) -> None:
         self.records = list(records)
         self.transform = transform
+        self.ground_truth = None if ground_truth is None else list(ground_truth)
+        if self.ground_truth is not None and len(self.ground_truth) != len(self.records):
+            raise ValueError(
+                f"Expected one `ground_truth` record per image, got {len(self.ground_truth)} for {len(self.records)}"
+            )
 
     def __len__(self) -> int:
         return len(self.records)
@@ -180,12 +222,15 @@ class DetectionDataset(Dataset):
         """The target of ``index`` before the transform (no decoding); ``"boxes"`` a plain ``float32`` tensor."""
         record = self.records[index]
         keep = ~record.ignore
-        return {
+        target = {
             "boxes": torch.as_tensor(record.boxes[keep], dtype=torch.float32).reshape(-1, 4),
             "labels": torch.as_tensor(record.labels[keep], dtype=torch.int64).reshape(-1),
             "image_id": torch.tensor(record.image_id, dtype=torch.int64),
             "orig_size": torch.tensor([record.height, record.width], dtype=torch.int64),
         }
+        if self.ground_truth is not None:
+            target["ground_truth"] = _ground_truth(self.ground_truth[index])
+        return target
 
     def __getitem__(self, index: int) -> tuple[Any, dict]:
         record = self.records[index]
@@ -205,6 +250,12 @@ class DetectionDataset(Dataset):
         return self.transform(image, target)
 
 
+def _first(ids: Sequence, limit: int = 10) -> str:
+    """``ids`` for a message: the first ``limit`` of them and how many more."""
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
 # ---------------------------------------------------------------------------------------------- base
 class DetectionDataModule(LongTailDataModule):
     """Base of the detection DataModules: lazy box ``class_counts``, joint transforms, list batches.
@@ -221,10 +272,9 @@ class DetectionDataModule(LongTailDataModule):
     Transforms (:func:`detection_transform`): training resizes (when ``image_size`` is set) and flips with
     probability ``hflip``; evaluation resizes only. Validation, test and predict all use the evaluation split.
     Boxes move with the image, so targets are in the coordinates of the (resized) image the loader yields;
-    ``orig_size`` in the target maps them back (``x * W / W'``, ``y * H / H'``). Evaluating against
-    :meth:`coco_ground_truth` compares in the loader's (resized) coordinates, where COCO's small / medium /
-    large area ranges refer to resized pixels; use ``coco_ground_truth(original_size=True)`` with predictions
-    mapped back for numbers comparable with published ones.
+    ``orig_size`` in the target maps them back (``x * W / W'``, ``y * H / H'``). The evaluation targets'
+    ``"ground_truth"`` and :meth:`coco_ground_truth` are in native pixels, so COCO's small / medium / large area
+    ranges refer to the annotated areas whatever ``image_size`` is.
 
     Under DDP, Lightning replaces the shuffling with its ``DistributedSampler`` (nothing custom). Image-level
     class re-sampling is not defined for detection (an image holds boxes of many classes), so there is no
@@ -296,6 +346,7 @@ class DetectionDataModule(LongTailDataModule):
         self.max_size = max_size
         self.hflip = float(hflip)
         self._records: dict[str, list[DetectionRecord]] = {}
+        self._ground_truth: dict[str, list[DetectionRecord]] = {}
         self._reports: dict[str, dict[str, int]] = {}
         self._categories: Optional[list[tuple[int, str]]] = None
 
@@ -389,79 +440,108 @@ class DetectionDataModule(LongTailDataModule):
         return paths
 
     def split_records(self, split: str) -> list[DetectionRecord]:
-        """The :class:`DetectionRecord` s of ``split`` (``"train"`` or ``"val"``), clipped, read once."""
-        if split not in self._records:
-            name = self._split_name(split)
-            self._check_root()
-            raw, source = self._read_split(name)
-            if not raw:
-                raise FileNotFoundError(
-                    f"{type(self).__name__}: split {name!r} of {self.root!r} has no images. Expected layout: "
-                    f"{self._layout()}"
-                )
-            records, clipped, dropped = [], 0, 0
-            for record in raw:
-                record, c, d = _clip_record(record)
-                records.append(record)
-                clipped, dropped = clipped + c, dropped + d
-            ignored = sum(int(np.sum(r.ignore)) for r in raw)
-            boxes = sum(int(np.sum(~r.ignore)) for r in records)
-            self._reports[split] = {"clipped": clipped, "dropped": dropped, "ignored": ignored, "boxes": boxes}
-            if clipped or dropped:
-                rank_zero_warn(
-                    f"{type(self).__name__}: {source!r}: {clipped} box(es) partly outside their image were clipped "
-                    f"to it and {dropped} with non-positive width or height after clipping were dropped; "
-                    f"{boxes} boxes remain ({ignored} ignored: {self._ignored_kind()})"
-                )
-            self._records[split] = records
+        """The :class:`DetectionRecord` s of ``split`` (``"train"`` or ``"val"``), clipped, read once: what the
+        loaders' ``boxes`` / ``labels`` hold."""
+        self._read(split)
         return list(self._records[split])
+
+    def ground_truth_records(self, split: str) -> list[DetectionRecord]:
+        """The :class:`DetectionRecord` s of ``split`` with the boxes as annotated (native pixels, not clipped;
+        crowd / difficult ones flagged ``ignore``), less those annotated with a negative width or height: the
+        evaluation ground truth (:meth:`coco_ground_truth`, the evaluation targets' ``"ground_truth"``)."""
+        self._read(split)
+        return list(self._ground_truth[split])
+
+    def _read(self, split: str) -> None:
+        if split in self._records:
+            return
+        name = self._split_name(split)
+        self._check_root()
+        raw, source = self._read_split(name)
+        if not raw:
+            raise FileNotFoundError(
+                f"{type(self).__name__}: split {name!r} of {self.root!r} has no images. Expected layout: "
+                f"{self._layout()}"
+            )
+        records, ground_truth, clipped, dropped, negative = [], [], 0, [], []
+        for record in raw:
+            malformed = _negative_size(record)
+            negative += record.ann_ids[malformed].tolist()
+            ground_truth.append(_select(record, ~malformed))
+            record, c, d = _clip_record(record)
+            records.append(record)
+            clipped, dropped = clipped + c, dropped + d
+        ignored = sum(int(np.sum(r.ignore)) for r in raw)
+        boxes = sum(int(np.sum(~r.ignore)) for r in records)
+        self._reports[split] = {"clipped": clipped, "dropped": len(dropped), "ignored": ignored, "boxes": boxes}
+        what = self._annotation_names()
+        if negative:
+            rank_zero_warn(
+                f"{type(self).__name__}: {source!r}: {len(negative)} box(es) have a negative width or height "
+                f"({what} {_first(negative)}); they are dropped from training and from the evaluation ground truth. "
+                f"Fix them in the annotation file: {self._box_format()}."
+            )
+        if clipped or dropped:
+            rank_zero_warn(
+                f"{type(self).__name__}: {source!r}: {clipped} box(es) partly outside their image were clipped "
+                f"to it and {len(dropped)} with non-positive width or height after clipping were dropped"
+                + (f" ({what} {_first(dropped)})" if dropped else "")
+                + f"; {boxes} boxes remain ({ignored} ignored: {self._ignored_kind()})"
+            )
+        self._records[split], self._ground_truth[split] = records, ground_truth
 
     def _ignored_kind(self) -> str:
         return "crowd / difficult"
+
+    def _annotation_names(self) -> str:
+        """What :attr:`DetectionRecord.ann_ids` are, in messages."""
+        return "annotations"
+
+    def _box_format(self) -> str:
+        """How a valid box is written in the annotation files, in messages."""
+        return "boxes need x2 >= x1 and y2 >= y1"
 
     # ------------------------------------------------------------------ ground truth for COCO evaluation
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H, W)`` of an image of native size ``(height, width)`` as the loaders yield it (:func:`resized_size`)."""
         return resized_size(height, width, self.image_size, self.max_size)
 
-    def coco_ground_truth(self, split: str = "val", original_size: bool = False) -> dict:
-        """The boxes of ``split`` as a COCO instances dict (``images``, ``annotations``, ``categories``).
+    def coco_ground_truth(self, split: str = "val") -> dict:
+        """The evaluation ground truth of ``split`` as a COCO instances dict (``images``, ``annotations``,
+        ``categories``), in native pixels: what the evaluation loaders' ``"ground_truth"`` holds.
 
-        By default in the coordinates of the targets the evaluation loader yields: ``images`` carry the resized
-        ``width`` / ``height`` (:meth:`output_size`) and ``bbox`` is ``[x, y, w, h]`` of the clipped box scaled by
-        ``(W' / W, H' / H)``, ``area`` scaled by ``W' H' / (W H)``. ``original_size=True`` gives native
-        coordinates instead (then map predictions back with the targets' ``orig_size``). Annotation ids run
-        ``1 .. N``, ``category_id`` is ``category_ids[label]``; ignored boxes (COCO crowd, VOC difficult) are
-        included with ``iscrowd=1`` so that COCOeval ignores detections on them. Feed it to pycocotools with
-        ``coco = COCO(); coco.dataset = gt; coco.createIndex()``.
+        ``images`` carry the annotated ``width`` / ``height``; ``bbox`` is ``[x, y, w, h]`` of the box as annotated
+        (not clipped) and ``area`` the annotated area (COCO's segment area; the box area for VOC). Annotation ids
+        run ``1 .. N``, ``category_id`` is ``category_ids[label]``; ignored boxes (COCO crowd, VOC difficult) have
+        ``iscrowd=1``, so that COCOeval ignores detections on them. Boxes annotated with a negative width or
+        height are left out (see :meth:`ground_truth_records`). For a COCO data set this is its own json (up to
+        annotation ids, key order and such boxes); feed it to pycocotools with ``coco = COCO(); coco.dataset =
+        gt; coco.createIndex()`` and the detections in native pixels (map them back with the targets'
+        ``orig_size``, as :class:`~lightning_lt.tasks.DetectionModule` does).
 
         Raises:
             ValueError: ``split`` not ``"train"`` or ``"val"``.
         """
         ids = self.category_ids
         images, annotations = [], []
-        for record in self.split_records(split):
-            height, width = (record.height, record.width) if original_size else self.output_size(
-                record.height, record.width
-            )
-            sx, sy = width / record.width, height / record.height
+        for record in self.ground_truth_records(split):
             images.append(
                 {
                     "id": record.image_id,
                     "file_name": os.path.relpath(record.file, self.root),
-                    "width": width,
-                    "height": height,
+                    "width": record.width,
+                    "height": record.height,
                 }
             )
             for box, label, area, ignore in zip(record.boxes, record.labels, record.areas, record.ignore):
-                x1, y1, x2, y2 = float(box[0]) * sx, float(box[1]) * sy, float(box[2]) * sx, float(box[3]) * sy
+                x1, y1, x2, y2 = (float(v) for v in box)
                 annotations.append(
                     {
                         "id": len(annotations) + 1,
                         "image_id": record.image_id,
                         "category_id": ids[int(label)],
                         "bbox": [x1, y1, x2 - x1, y2 - y1],
-                        "area": float(area) * sx * sy,
+                        "area": float(area),
                         "iscrowd": int(ignore),
                     }
                 )
@@ -481,7 +561,9 @@ class DetectionDataModule(LongTailDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = DetectionDataset(self.split_records("train"), self.train_transform())
         if self.test_dataset is None:
-            self.test_dataset = DetectionDataset(self.split_records("val"), self.eval_transform())
+            self.test_dataset = DetectionDataset(
+                self.split_records("val"), self.eval_transform(), ground_truth=self.ground_truth_records("val")
+            )
         self.val_dataset = self.test_dataset
 
 
@@ -513,8 +595,13 @@ class COCODetection(DetectionDataModule):
             missing from the folder (names the first and how many).
         ValueError: bad arguments (see :class:`DetectionDataModule`); (on first use) a json that is not COCO
             instances, an annotation whose ``category_id`` is not among ``categories`` (names the file and the
-            id) or whose ``image_id`` is not among ``images``, a ``bbox`` that is not 4 numbers, validation
-            categories that differ from the training ones.
+            id) or whose ``image_id`` is not among ``images``, a ``bbox`` that is not 4 numbers, an image entry
+            without ``width`` / ``height`` (names the image id and what to add), validation categories that
+            differ from the training ones.
+
+    Warns:
+        UserWarning: (on first use) boxes clipped or dropped (naming the dropped annotation ids), and boxes with a
+            negative width or height (naming their annotation ids and the fix).
     """
 
     def __init__(
@@ -559,6 +646,12 @@ class COCODetection(DetectionDataModule):
     def _ignored_kind(self) -> str:
         return "crowd boxes"
 
+    def _annotation_names(self) -> str:
+        return "annotation ids"
+
+    def _box_format(self) -> str:
+        return "'bbox' is [x, y, width, height] with width >= 0 and height >= 0"
+
     def _annotation_file(self, split: str) -> str:
         return os.path.join(self.root, "annotations", f"instances_{split}.json")
 
@@ -586,7 +679,7 @@ class COCODetection(DetectionDataModule):
                 "Both splits must share the label space (the same 'categories' ids and names)."
             )
         label_of = {cid: c for c, (cid, _) in enumerate(categories)}
-        per_image: dict[int, list[tuple[list[float], int, float, bool]]] = {
+        per_image: dict[int, list[tuple[list[float], int, float, bool, Any]]] = {
             int(image["id"]): [] for image in content["images"]
         }
         for ann in content["annotations"]:
@@ -608,8 +701,18 @@ class COCODetection(DetectionDataModule):
                 )
             x, y, w, h = (float(v) for v in bbox)
             area = float(ann["area"]) if "area" in ann else max(w, 0.0) * max(h, 0.0)
-            per_image[image_id].append(([x, y, x + w, y + h], label_of[cid], area, bool(ann.get("iscrowd", 0))))
+            per_image[image_id].append(
+                ([x, y, x + w, y + h], label_of[cid], area, bool(ann.get("iscrowd", 0)), ann.get("id"))
+            )
         images = sorted(content["images"], key=lambda im: int(im["id"]))
+        unsized = [im for im in images if "width" not in im or "height" not in im]
+        if unsized:
+            first = unsized[0]
+            raise ValueError(
+                f"{owner}: {path!r}: {len(unsized)} image(s) have no 'width' / 'height', the first is image id "
+                f"{first['id']!r} ({first.get('file_name')!r}). Add \"width\" and \"height\" (the image's size in "
+                "pixels) to every entry of 'images': boxes are clipped to them and the loaders check them."
+            )
         files = self._check_images(os.path.join(self.root, split), [str(im["file_name"]) for im in images], path)
         records = []
         for image, file in zip(images, files):
@@ -624,6 +727,7 @@ class COCODetection(DetectionDataModule):
                     labels=np.array([a[1] for a in anns], dtype=np.int64),
                     areas=np.array([a[2] for a in anns], dtype=np.float64),
                     ignore=np.array([a[3] for a in anns], dtype=bool),
+                    ann_ids=np.array([a[4] for a in anns], dtype=object),
                 )
             )
         return records, path
@@ -643,9 +747,13 @@ class VOCDetection(VOCFolder, DetectionDataModule):
     all four, as MMDetection does (Detectron2 subtracts 1 from ``xmin`` / ``ymin`` only), then are clipped to
     the ``<size>`` of the annotation (the image header when ``<size>`` is absent). Objects marked
     ``<difficult>1</difficult>`` are ignored unless ``use_difficult``: left out of the targets and of
-    ``class_counts``, counted in ``box_report["ignored"]``, and kept as ``iscrowd=1`` regions in
-    :meth:`coco_ground_truth` (so detections on them are not false positives, as in VOC's own evaluation;
-    COCOeval's crowd matching uses intersection over the detection's area). ``image_id`` is the image's
+    ``class_counts``, counted in ``box_report["ignored"]``, and kept as ``iscrowd=1`` regions of the evaluation
+    ground truth (:meth:`coco_ground_truth`): COCO-style ignore regions. As in VOC's own evaluation, a detection
+    on a difficult object is neither a true nor a false positive, however many detections it has; unlike
+    VOC's, which matches by IoU >= 0.5 with the best-overlapping object, COCOeval matches a detection to an
+    ignore region only when no regular object is left at its IoU threshold, and then by the intersection over
+    the detection's own area (the choice made here: one evaluation, COCOeval's, for COCO and VOC; the AP is
+    COCO's 101-point one, ``ap50`` at IoU 0.5). ``image_id`` is the image's
     position in its image-set file; ``category_ids`` are ``1 .. 20``. Validation and test both use
     ``val_set`` (VOC2007's ``test``; use ``"val"`` for VOC2012).
 
@@ -703,11 +811,14 @@ class VOCDetection(VOCFolder, DetectionDataModule):
     def _ignored_kind(self) -> str:
         return "difficult objects"
 
+    def _box_format(self) -> str:
+        return "<bndbox> needs xmax >= xmin and ymax >= ymin"
+
     def _compute_categories(self) -> list[tuple[int, str]]:
         return [(i + 1, name) for i, name in enumerate(VOC_CLASSES)]
 
     def _read_xml(self, xml_path: str, image_path: str, position: int) -> DetectionRecord:
-        owner = type(self).__name__
+        owner, name = type(self).__name__, os.path.basename(xml_path)
         root, objects = parse_voc_objects(xml_path, owner)
         width = int(float(root.findtext("size/width") or 0))
         height = int(float(root.findtext("size/height") or 0))
@@ -739,6 +850,7 @@ class VOCDetection(VOCFolder, DetectionDataModule):
             labels=np.array(labels, dtype=np.int64),
             areas=areas,
             ignore=np.array(ignore, dtype=bool),
+            ann_ids=np.array([f"{name} object {k + 1}" for k in range(len(boxes))], dtype=object).reshape(-1),
         )
 
     def _read_split(self, split: str) -> tuple[list[DetectionRecord], str]:

@@ -12,12 +12,23 @@ SSE-SAM), and each group has its own radius ``rho_g``. For every group with ``rh
 A group with ``rho_g = 0`` contributes ``grad L_g(w)`` from a single pass. The base optimizer then
 steps with ``g = sum_g grad L_g(w + e_g)``. So SAM is ``rhos=[rho]`` (2 passes), ImbSAM is
 ``rhos=[0, rho]`` over (head, tail) (3 passes) and SSE-SAM stage 1 is ``rhos=[rho_head, rho_tail]``
-(4 passes). A group loss is ``sum_{i in group} l_i / B`` (every group divides by the whole batch size,
-as in the official ImbSAM and SSE-SAM code), so the groups add up to the batch-mean loss.
+(4 passes). The group losses divide by the whole batch size ``B``, as the official ImbSAM and SSE-SAM
+code does, and the tail loss carries a weight ``lambda_t`` (``tail_weight``)::
+
+    L_head = sum_{y_i not in T} l_i / B,    L_tail = lambda_t * sum_{y_i in T} l_i / B.
+
+``lambda_t = 2`` reproduces ImbSAM's official step (``utils/trainval.py`` of cool-xuan/Imbalanced_SAM
+multiplies the tail loss by 2 in both tail passes), ``lambda_t = 1`` SSE-SAM's (``utils/trainval.py`` of
+Zemdalk/SSE-SAM divides head and tail losses by ``B`` alone, in both stages); these are the defaults of
+:class:`ImbSAM` and :class:`SSESAM`. The perturbation ``e`` is normalised, so ``lambda_t`` scales only the
+tail gradient that enters the update. A plain step (``sam_every``) back-propagates ``L_head + L_tail``
+(the same weights), and every pass of a step uses the same ``lambda_t``.
 
 The wrappers share ``param_groups`` with the base optimizer (LR schedulers built on the base optimizer
 drive them) and pass ``state_dict`` / ``load_state_dict`` through to it, so checkpoints are those of the
-base optimizer. With ``model`` given, BatchNorm running statistics are updated by the first pass only.
+base optimizer. With ``model`` given, BatchNorm running statistics are updated by the first pass only (the
+official ImbSAM / SSE-SAM code lets every forward pass update them, the perturbed ones included; the
+weights do not depend on it, as training-mode BatchNorm normalises with the batch statistics).
 ``sam_every=k`` applies the sharpness-aware update on every k-th step and a plain one-pass step otherwise
 (cost ``(k + 1) / k`` passes for SAM instead of 2).
 
@@ -27,13 +38,15 @@ Closures in a plain PyTorch loop:
   (gradients are zeroed by the optimizer before each call);
 * ``ImbSAM.step(closure)`` / ``SSESAM.step(closure)``: ``closure()`` runs the forward pass and returns
   ``(per_sample_loss, target)`` (``[B]`` each) without calling ``backward()``; the optimizer forms and
-  back-propagates the group losses.
+  back-propagates the group losses. ``step`` returns ``per_sample_loss.mean()`` of the first pass (at the
+  unperturbed weights, without the tail weight).
 
 Under Lightning, use the callbacks in :mod:`lightning_lt.callbacks.sam`, which drive the same code.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any, Optional
@@ -79,6 +92,17 @@ def tail_mask(target: Tensor, tail_classes: Tensor) -> Tensor:
     return torch.isin(target, tail_classes.to(target.device))
 
 
+def check_tail_weight(tail_weight: float) -> float:
+    """``tail_weight`` as a float; a finite number > 0."""
+    if isinstance(tail_weight, bool) or not isinstance(tail_weight, (int, float)) or not (
+        math.isfinite(tail_weight) and tail_weight > 0
+    ):
+        raise ValueError(
+            f"Expected `tail_weight` (the factor on the tail-class loss) to be a finite number > 0, got {tail_weight!r}"
+        )
+    return float(tail_weight)
+
+
 def _check_sam_every(sam_every: int) -> int:
     if isinstance(sam_every, bool) or not isinstance(sam_every, int) or sam_every < 1:
         raise ValueError(f"Expected `sam_every` to be an integer >= 1, got {sam_every!r}")
@@ -94,7 +118,7 @@ class GroupSAM(Optimizer):
         adaptive: ASAM's scale-invariant perturbation (``T = |w|``); needs a ~10x larger ``rho``.
         sam_every: apply the sharpness-aware update every ``sam_every`` steps, a plain step otherwise.
         model: module whose BatchNorm running statistics only the first pass of a step may update.
-        eps: added to the gradient norm.
+        eps: added to the gradient norm (1e-12, as davda54/sam; ImbSAM and SSE-SAM use their code's 1e-16).
 
     Raises:
         ValueError: a negative or non-finite ``rho``, ``sam_every < 1``, or a base optimizer that is
@@ -320,37 +344,43 @@ class SAM(GroupSAM):
 
 
 class _HeadTailSAM(GroupSAM):
-    """Group-wise SAM over two groups: head-class samples (group 0) and tail-class samples (group 1)."""
+    """Group-wise SAM over two groups: head-class samples (group 0) and tail-class samples (group 1, weighted
+    by ``tail_weight``)."""
 
     def __init__(
         self,
         base_optimizer: Optimizer,
         tail_classes: Sequence[int],
         rhos: Sequence[float],
+        tail_weight: float = 1.0,
         adaptive: bool = False,
         sam_every: int = 1,
         model: Optional[nn.Module] = None,
-        eps: float = 1e-12,
+        eps: float = 1e-16,
     ) -> None:
         super().__init__(base_optimizer, rhos, adaptive, sam_every, model, eps)
         tail = [int(c) for c in tail_classes]
         if any(c < 0 for c in tail):
             raise ValueError(f"Expected `tail_classes` to be class indices >= 0, got {tail}")
         self.tail_classes = torch.tensor(sorted(set(tail)), dtype=torch.long)
+        self.tail_weight = check_tail_weight(tail_weight)
 
     def group_loss(self, per_sample_loss: Tensor, target: Tensor, group: Optional[int]) -> Tensor:
-        """``sum_{i in group} l_i / B`` (``group=None``: the whole batch, i.e. the mean)."""
+        """``L_head = sum_{y_i not in T} l_i / B`` (group 0), ``L_tail = tail_weight * sum_{y_i in T} l_i / B``
+        (group 1), or ``L_head + L_tail`` (``group=None``, a plain step)."""
         if per_sample_loss.ndim != 1 or per_sample_loss.shape != target.shape:
             raise ValueError(
                 f"Expected per-sample losses and targets of the same shape [B], got {tuple(per_sample_loss.shape)} "
                 f"and {tuple(target.shape)}"
             )
+        in_tail = tail_mask(target, self.tail_classes).to(per_sample_loss.dtype)
         if group is None:
-            return per_sample_loss.mean()
-        mask = tail_mask(target, self.tail_classes)
-        if group == 0:
-            mask = ~mask
-        return (per_sample_loss * mask.to(per_sample_loss.dtype)).sum() / per_sample_loss.shape[0]
+            weights = 1 + (self.tail_weight - 1) * in_tail
+        elif group == 0:
+            weights = 1 - in_tail
+        else:
+            weights = self.tail_weight * in_tail
+        return (per_sample_loss * weights).sum() / per_sample_loss.shape[0]
 
     def _plain_pass(self, closure: Callable[[], Any]) -> PassFn:
         def run_pass(group: Optional[int], first: bool, sync: bool) -> Optional[Tensor]:
@@ -372,17 +402,37 @@ class _HeadTailSAM(GroupSAM):
 class ImbSAM(_HeadTailSAM):
     """ImbSAM (Zhou et al., ICCV 2023): SAM on the tail-class loss only, a plain gradient for the head.
 
-    ``g = grad L_head(w) + grad L_tail(w + e)`` with ``e = rho * grad L_tail(w) / ||grad L_tail(w)||``,
-    ``L_head = sum_{y_i not in T} l_i / B``, ``L_tail = sum_{y_i in T} l_i / B`` and ``T`` the tail classes
-    (``n_c < eta``; eta 20 = the few-shot classes of CIFAR-100-LT). Three passes per step.
+    ``g = grad L_head(w) + grad L_tail(w + e)`` with ``e = rho * grad L_tail(w) / (||grad L_tail(w)|| + eps)``,
+    ``L_head = sum_{y_i not in T} l_i / B``, ``L_tail = tail_weight * sum_{y_i in T} l_i / B`` and ``T`` the
+    tail classes (``n_c < eta``; eta 20 = the few-shot classes of CIFAR-100-LT). Three passes per step.
+
+    The defaults reproduce the official step (cool-xuan/Imbalanced_SAM, ``utils/trainval.py::forbackward``
+    and ``imbsam.py``): ``tail_weight=2`` (its ``tail_loss = loss[tail].sum() / B * 2``, in both tail
+    passes), ``eps=1e-16`` and the same order of passes; ``tests/reference/test_imbsam.py`` checks 5 steps
+    against a transcription of it to 1e-6.
+
+    Args:
+        base_optimizer: the optimizer that makes the update (SGD with momentum 0.9, wd 1e-3 in the paper).
+        tail_classes: the class indices of ``T``.
+        rho: radius of the tail-loss perturbation (0.05).
+        tail_weight: ``lambda_t``, the factor on the tail loss (2.0, as published; 1.0: the plain batch-mean
+            split ``L_head + L_tail = mean_i l_i``).
+        adaptive: ASAM-style perturbation (``T = |w|``).
+        sam_every: a sharpness-aware step every ``sam_every`` steps, a plain one (on ``L_head + L_tail``)
+            otherwise.
+        model: module whose BatchNorm running statistics only the first pass of a step may update.
+        eps: added to the gradient norm (the official code's 1e-16).
+
+    Raises:
+        ValueError: a negative ``rho``, a ``tail_weight`` that is not > 0, negative ``tail_classes``.
 
     Example:
         >>> model = nn.Linear(2, 3)
         >>> optimizer = ImbSAM(torch.optim.SGD(model.parameters(), lr=0.1), tail_classes=[2], rho=0.05)
         >>> x, y = torch.randn(4, 2), torch.tensor([0, 1, 2, 2])
         >>> loss = optimizer.step(lambda: (nn.functional.cross_entropy(model(x), y, reduction="none"), y))
-        >>> print(optimizer.rhos)
-        [0.0, 0.05]
+        >>> print(optimizer.rhos, optimizer.tail_weight)
+        [0.0, 0.05] 2.0
     """
 
     def __init__(
@@ -390,28 +440,48 @@ class ImbSAM(_HeadTailSAM):
         base_optimizer: Optimizer,
         tail_classes: Sequence[int],
         rho: float = 0.05,
+        tail_weight: float = 2.0,
         adaptive: bool = False,
         sam_every: int = 1,
         model: Optional[nn.Module] = None,
-        eps: float = 1e-12,
+        eps: float = 1e-16,
     ) -> None:
-        super().__init__(base_optimizer, tail_classes, [0.0, check_rho("rho", rho)], adaptive, sam_every, model, eps)
+        rhos = [0.0, check_rho("rho", rho)]
+        super().__init__(base_optimizer, tail_classes, rhos, tail_weight, adaptive, sam_every, model, eps)
 
 
 class SSESAM(_HeadTailSAM):
     """SSE-SAM (AAAI 2025), one stage: SAM with separate radii on the head and the tail loss.
 
-    ``g = grad L_head(w + e_h) + grad L_tail(w + e_t)``, ``e_h = rho_head * grad L_head / ||.||``,
-    ``e_t = rho_tail * grad L_tail / ||.||`` (four passes). Stage 2 of SSE-SAM is ``rho_head = 0``
-    (i.e. ImbSAM); :class:`lightning_lt.callbacks.SSESAM` switches stages by epoch, and in a plain loop
-    :meth:`set_stage` does.
+    ``g = grad L_head(w + e_h) + grad L_tail(w + e_t)``, ``e_h = rho_head * grad L_head / (||.|| + eps)``,
+    ``e_t = rho_tail * grad L_tail / (||.|| + eps)`` (four passes), ``L_head = sum_{y_i not in T} l_i / B``,
+    ``L_tail = tail_weight * sum_{y_i in T} l_i / B``. Stage 2 of SSE-SAM is ``rho_head = 0``, i.e. the
+    ImbSAM update with SSE-SAM's tail weight; :class:`lightning_lt.callbacks.SSESAM` switches stages by
+    epoch, and in a plain loop :meth:`set_stage` does.
+
+    The defaults reproduce the official step (Zemdalk/SSE-SAM, ``utils/trainval.py::forbackward`` with
+    ``optim_mode='ssesam'`` and ``ssesam.py::SSESAM``): head and tail losses are divided by ``B`` with no
+    further factor in both stages (``tail_weight=1``; unlike ImbSAM's code it does not double the tail
+    loss), ``eps=1e-16``, passes in the order head at ``w``, head at ``w + e_h``, tail at ``w``, tail at
+    ``w + e_t``. In stage 2 the official code still makes the head pass at ``w + 0 * e_h``; the gradient is
+    that of the single head pass made here. ``tests/reference/test_ssesam.py`` checks both stages.
+
+    Args:
+        base_optimizer: the optimizer that makes the update.
+        tail_classes: the class indices of ``T``.
+        rho_head / rho_tail: the radii of the head and tail perturbations (0.05 / 0.10, the paper's).
+        tail_weight: the factor on the tail loss (1.0, as in the official code).
+        adaptive: ASAM-style perturbations.
+        sam_every: a sharpness-aware step every ``sam_every`` steps, a plain one otherwise.
+        model: module whose BatchNorm running statistics only the first pass of a step may update.
+        eps: added to the gradient norm (the official code's 1e-16).
 
     Example:
         >>> model = nn.Linear(2, 3)
         >>> optimizer = SSESAM(torch.optim.SGD(model.parameters(), lr=0.1), tail_classes=[2])
         >>> optimizer.set_stage(2)
-        >>> print(optimizer.rhos)
-        [0.0, 0.1]
+        >>> print(optimizer.rhos, optimizer.tail_weight)
+        [0.0, 0.1] 1.0
     """
 
     def __init__(
@@ -420,17 +490,19 @@ class SSESAM(_HeadTailSAM):
         tail_classes: Sequence[int],
         rho_head: float = 0.05,
         rho_tail: float = 0.10,
+        tail_weight: float = 1.0,
         adaptive: bool = False,
         sam_every: int = 1,
         model: Optional[nn.Module] = None,
-        eps: float = 1e-12,
+        eps: float = 1e-16,
     ) -> None:
         self.rho_head = check_rho("rho_head", rho_head)
         self.rho_tail = check_rho("rho_tail", rho_tail)
-        super().__init__(base_optimizer, tail_classes, [self.rho_head, self.rho_tail], adaptive, sam_every, model, eps)
+        rhos = [self.rho_head, self.rho_tail]
+        super().__init__(base_optimizer, tail_classes, rhos, tail_weight, adaptive, sam_every, model, eps)
 
     def set_stage(self, stage: int) -> None:
-        """Stage 1: ``(rho_head, rho_tail)``; stage 2: ``(0, rho_tail)`` (ImbSAM)."""
+        """Stage 1: ``(rho_head, rho_tail)``; stage 2: ``(0, rho_tail)`` (the ImbSAM update)."""
         if stage not in (1, 2):
             raise ValueError(f"Expected `stage` 1 or 2, got {stage!r}")
         self.rhos = [self.rho_head if stage == 1 else 0.0, self.rho_tail]

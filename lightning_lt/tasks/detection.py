@@ -17,6 +17,7 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
+from torchvision.ops import generalized_box_iou_loss
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -29,6 +30,8 @@ __all__ = [
     "default_detection_optimizer",
     "guided_loss_scaling",
     "optimal_bias",
+    "sampling_free_classification_loss",
+    "to_native_pixels",
 ]
 
 _ARCHS = ("retinanet", "fcos")
@@ -76,41 +79,89 @@ def guided_loss_scaling(cls_loss: Tensor, reg_loss: Tensor) -> Tensor:
     return cls_loss * (reg_loss / cls_loss.clamp_min(1e-12)).detach()
 
 
-def _bce_classification(cls_logits: Tensor, targets: list[dict[str, Tensor]], matched_idxs: list[Tensor],
-                        ignore_value: Optional[int]) -> Tensor:
-    """Plain BCE over every (non-ignored) anchor and class, per image summed and divided by its number of
-    foreground anchors (torchvision's focal-loss normalisation), averaged over the images."""
-    losses = []
-    for target, logits, matched in zip(targets, cls_logits, matched_idxs):
+def sampling_free_classification_loss(
+    cls_logits: Tensor, targets: Sequence[dict[str, Tensor]], matched_idxs: Sequence[Tensor]
+) -> Tensor:
+    r"""Sampling-free classification loss: plain BCE summed over every anchor and class of the batch, divided by
+    the batch's foreground anchors plus its number of images.
+
+    .. math::
+        L_{cls} = \frac{1}{N_{fg} + N} \sum_{i=1}^{N} \sum_{a} \sum_{c=1}^{K}
+        \mathrm{BCE}(z_{iac}, y_{iac}),\qquad y_{iac} = [\,a \text{ is foreground and its box has class } c\,]
+
+    with :math:`N` the images of the batch and :math:`N_{fg}` the foreground anchors (points) of all of them.
+    This is the reference's ``RetinaNetLossComputationFree`` (ChenJoya/sampling-free,
+    ``maskrcnn_benchmark/modeling/rpn/retinanet/loss.py``): every anchor that is not foreground gets an all-zero
+    target, so RetinaNet's anchors *between* the IoU thresholds (``matched_idxs == -2``) count as background, as
+    do those below the background threshold (``-1``); nothing is sampled or ignored. Its normaliser is
+    ``pos_inds.numel() + N`` with ``N = len(labels)``, the number of per-image label lists, i.e. the images of
+    the (per-process) batch: under DDP every process normalises by its own batch, as the reference does (it
+    reduces nothing across GPUs). For FCOS the same formula runs over points: every point the FCOS assignment
+    (centre sampling, scale ranges) does not make foreground is background (FCOS ignores no point).
+
+    Args:
+        cls_logits: ``[N, A, K]`` classification logits of the ``A`` anchors (points) of each image.
+        targets: one dict per image with ``labels`` (``[M_i]``, classes ``0..K-1``).
+        matched_idxs: one ``[A]`` tensor per image: the index of the box matched to each anchor, negative for
+            background (``-1``) and between the thresholds (``-2``).
+
+    Example:
+        >>> logits = torch.zeros(2, 3, 2)  # 2 images, 3 anchors, 2 classes; sigmoid 0.5 everywhere
+        >>> matched = [torch.tensor([0, -1, -2]), torch.tensor([-1, -1, -1])]  # one foreground anchor
+        >>> targets = [{"labels": torch.tensor([1])}, {"labels": torch.zeros(0, dtype=torch.long)}]
+        >>> loss = sampling_free_classification_loss(logits, targets, matched)
+        >>> print(f"{loss.item():.4f} = 12 log 2 / (1 + 2) = {12 * math.log(2) / 3:.4f}")
+        2.7726 = 12 log 2 / (1 + 2) = 2.7726
+    """
+    gt_classes = torch.zeros_like(cls_logits)
+    for i, (target, matched) in enumerate(zip(targets, matched_idxs)):
         foreground = matched >= 0
-        labels = torch.zeros_like(logits)
-        labels[foreground, target["labels"][matched[foreground]]] = 1.0
-        valid = matched != ignore_value if ignore_value is not None else torch.ones_like(foreground)
-        loss = F.binary_cross_entropy_with_logits(logits[valid], labels[valid], reduction="sum")
-        losses.append(loss / max(1, int(foreground.sum())))
-    return torch.stack(losses).mean()
+        gt_classes[i, foreground, target["labels"][matched[foreground]]] = 1.0
+    num_foreground = torch.stack([(matched >= 0).sum() for matched in matched_idxs]).sum()  # integer, on device
+    loss = F.binary_cross_entropy_with_logits(cls_logits, gt_classes, reduction="sum")
+    return loss / (num_foreground + len(matched_idxs))
+
+
+def _fcos_box_losses(
+    box_coder: Any, targets: Sequence[dict[str, Tensor]], head_outputs: dict[str, Tensor], anchors: list[Tensor],
+    matched_idxs: Sequence[Tensor],
+) -> dict[str, Tensor]:
+    """FCOS's GIoU box regression and centerness BCE as torchvision's ``FCOSHead.compute_loss`` computes them
+    (summed over the foreground points of the batch, divided by their number), without its focal loss."""
+    gt_boxes = torch.stack([
+        t["boxes"][m.clip(min=0)] if len(t["labels"]) else t["boxes"].new_zeros((len(m), 4))
+        for t, m in zip(targets, matched_idxs)
+    ])
+    foreground = torch.stack(list(matched_idxs)) >= 0
+    num_foreground = foreground.sum().clamp_min(1)
+    anchors_ = torch.stack(anchors)
+    pred_boxes = box_coder.decode(head_outputs["bbox_regression"], anchors_)
+    regression = generalized_box_iou_loss(pred_boxes[foreground], gt_boxes[foreground], reduction="sum")
+    reg_targets = box_coder.encode(anchors_, gt_boxes)
+    left_right, top_bottom = reg_targets[:, :, [0, 2]], reg_targets[:, :, [1, 3]]
+    gt_ctrness = torch.sqrt(
+        (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0]) * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0])
+    )
+    ctrness = F.binary_cross_entropy_with_logits(
+        head_outputs["bbox_ctrness"].squeeze(dim=2)[foreground], gt_ctrness[foreground], reduction="sum"
+    )
+    return {"bbox_regression": regression / num_foreground, "bbox_ctrness": ctrness / num_foreground}
 
 
 class SamplingFreeRetinaNetClassificationHead(RetinaNetClassificationHead):
-    """RetinaNet's classification head with plain BCE over all anchors (no focal loss, no sampling)."""
+    """RetinaNet's classification head with the sampling-free BCE (:func:`sampling_free_classification_loss`)."""
 
     def compute_loss(self, targets, head_outputs, matched_idxs):  # type: ignore[override]
-        return _bce_classification(head_outputs["cls_logits"], targets, matched_idxs, self.BETWEEN_THRESHOLDS)
+        return sampling_free_classification_loss(head_outputs["cls_logits"], targets, matched_idxs)
 
 
 class SamplingFreeFCOSHead(FCOSHead):
-    """FCOS's head with plain BCE in place of the focal classification loss (regression and centerness
-    unchanged)."""
+    """FCOS's head with the sampling-free BCE over points (:func:`sampling_free_classification_loss`) in place of
+    the focal loss; GIoU regression and centerness as torchvision computes them."""
 
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):  # type: ignore[override]
-        losses = super().compute_loss(targets, head_outputs, anchors, matched_idxs)
-        num_foreground = sum(int((m >= 0).sum()) for m in matched_idxs)
-        # torchvision's FCOS normalises by the foreground points of the whole batch
-        per_image = [
-            _bce_classification(logits[None], [t], [m], None) * max(1, int((m >= 0).sum()))
-            for t, logits, m in zip(targets, head_outputs["cls_logits"], matched_idxs)
-        ]
-        losses["classification"] = torch.stack(per_image).sum() / max(1, num_foreground)
+        losses = {"classification": sampling_free_classification_loss(head_outputs["cls_logits"], targets, matched_idxs)}
+        losses.update(_fcos_box_losses(self.box_coder, targets, head_outputs, anchors, matched_idxs))
         return losses
 
 
@@ -140,12 +191,16 @@ class DetectionModule(TaskModule):
 
     1. *Optimal bias initialisation*: before the first training step, one pass over the training set assigns
        anchors (RetinaNet) or points (FCOS) to boxes with the detector's own rule, counting ``fg`` foreground and
-       ``bg`` background ones (anchors between RetinaNet's IoU thresholds are ignored, as in its loss); then
-       ``pi = fg / (fg + bg) / K`` and the classification bias is ``-log((1 - pi) / pi)``
-       (:func:`optimal_bias`). ``pi`` and the bias are kept in the state dict (``prior_pi``, so a resumed run
-       does not recompute them), logged, and summed over ranks under DDP.
-    2. *Plain BCE over all anchors* for classification, scaled by *guided loss scaling*
-       ``L_cls * stopgrad(L_reg / L_cls)`` (:func:`guided_loss_scaling`).
+       ``bg`` background ones (anchors between RetinaNet's IoU thresholds are left out of the count, as the
+       reference's ``optimal_bias_init`` does); then ``pi = fg / (fg + bg) / K`` and the classification bias is
+       ``-log((1 - pi) / pi)`` (:func:`optimal_bias`). ``pi`` and the bias are kept in the state dict
+       (``prior_pi``, so a resumed run does not recompute them), logged, and summed over ranks under DDP.
+    2. *Plain BCE over all anchors* for classification (:func:`sampling_free_classification_loss`: summed over
+       every anchor / point and class of the batch, anchors between the IoU thresholds included as background,
+       divided by the batch's foreground anchors plus its number of images), scaled by *guided loss scaling*
+       ``L_cls * stopgrad(L_reg / L_cls)`` (:func:`guided_loss_scaling`), with ``L_reg`` the detector's own box
+       regression loss (torchvision's: L1 for RetinaNet, GIoU for FCOS). ``train/loss_classification_raw`` logs
+       ``L_cls`` before the scaling.
     3. *Adaptive inference threshold*: detections are kept above ``pi * K`` (= ``fg / (fg + bg)``) instead
        of ``score_thresh``.
 
@@ -153,6 +208,15 @@ class DetectionModule(TaskModule):
     ``boxes`` (xyxy, pixels) and ``labels`` (``0..K-1``). Logged: ``train/loss`` and its parts;
     ``{stage}/map``, ``ap50``, ``ap75``, ``ap_small|medium|large``, ``ap_rare|common|frequent`` (LVIS-style
     groups from training box counts) and ``ap/<class>``.
+
+    **Evaluation** (:class:`~lightning_lt.metrics.DetectionMAP`, i.e. COCOeval): when an evaluation target
+    carries ``ground_truth`` (what the detection data modules' evaluation loaders yield: the annotation file's
+    boxes in native pixels with ``labels``, ``iscrowd`` and ``area``) and ``orig_size`` (native ``(H, W)``),
+    the detections are mapped from the loader's image to native pixels (``x * W / W'``, ``y * H / H'``) and
+    evaluated against it, so crowd (and VOC difficult) regions absorb detections and the small / medium /
+    large ranges apply to the annotated areas: ``val/map`` equals COCOeval on the data set's own annotations.
+    Other targets are evaluated as they are (``boxes``, ``labels``, optional ``iscrowd`` / ``area``) in the
+    loader's coordinates.
 
     Args:
         arch: ``"retinanet"`` or ``"fcos"``.
@@ -271,7 +335,7 @@ class DetectionModule(TaskModule):
                 self.model(images, targets)
                 for matched in recorded:
                     fg += int((matched >= 0).sum())
-                    bg += int((matched == -1).sum())  # RetinaNet's -2 (between thresholds) is ignored
+                    bg += int((matched == -1).sum())  # -2 (between thresholds) not counted (reference)
                 recorded.clear()
         return fg, bg
 
@@ -359,7 +423,16 @@ class DetectionModule(TaskModule):
     def _eval_step(self, batch: Any, metric: DetectionMAP) -> None:
         images, targets = batch[0], batch[1]
         detections = self.model(list(images))
-        metric.update(detections, list(targets))
+        preds, truths = [], []
+        for image, detection, target in zip(images, detections, targets):
+            truth = target.get("ground_truth")
+            if truth is None:  # evaluate in the loader's coordinates
+                preds.append(detection)
+                truths.append(target)
+                continue
+            preds.append({**detection, "boxes": to_native_pixels(detection["boxes"], image, target["orig_size"])})
+            truths.append(truth)
+        metric.update(preds, truths)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch_metrics("val", self.val_metric)
@@ -376,6 +449,20 @@ class DetectionModule(TaskModule):
             self.log_dict({f"{stage}/ap/{safe_metric_key(n)}": per_class[i] for i, n in enumerate(self.class_names)},
                           sync_dist=True)
         metric.reset()
+
+
+def to_native_pixels(boxes: Tensor, image: Tensor, orig_size: Tensor) -> Tensor:
+    """Boxes (xyxy) in pixels of ``image`` (``[C, H', W']``, as the loader yields it) -> float64 boxes in pixels of
+    the image file, whose size is ``orig_size`` (``(H, W)``): ``x * W / W'`` and ``y * H / H'``.
+
+    Example:
+        >>> to_native_pixels(torch.tensor([[10.0, 5, 20, 15]]), torch.zeros(3, 20, 40), torch.tensor([40, 80]))
+        tensor([[20., 10., 40., 30.]], dtype=torch.float64)
+    """
+    height, width = image.shape[-2:]
+    size = orig_size.to(device=boxes.device, dtype=torch.float64)
+    scale = torch.stack([size[1] / width, size[0] / height]).repeat(2)
+    return boxes.to(torch.float64) * scale
 
 
 @contextmanager

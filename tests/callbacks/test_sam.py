@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 
 from lightning_lt.callbacks import SAM, SSESAM, ImbSAM, OptimizerStages
 from lightning_lt.optim import SAM as SAMOptimizer
+from lightning_lt.optim import ImbSAM as ImbSAMOptimizer
 from lightning_lt.optim import StepRho
 from tests.optim.sam_reference import problem, reference_run
 
@@ -91,8 +92,36 @@ def test_sam_callback_three_steps(adaptive, rho):
 def test_imbsam_callback_three_steps():
     module = LinearModule()
     fit(module, ImbSAM(rho=0.05, tail_threshold=10))
-    assert_params(module, reference_run("imbsam", 3, rho=0.05))
+    assert_params(module, reference_run("imbsam", 3, rho=0.05))  # tail weight 2, as published
     assert module.training_step_calls == 9
+
+
+@pytest.mark.parametrize("make, method", [
+    (lambda: ImbSAM(rho=0.05, tail_threshold=10, tail_weight=1.0), "imbsam"),
+    (lambda: SSESAM(rho_head=0.05, rho_tail=0.1, tail_threshold=10, gamma=1.0, tail_weight=2.0), "ssesam"),
+])
+def test_callback_tail_weight_reaches_every_pass(make, method):
+    module = LinearModule()
+    callback = make()
+    fit(module, callback)
+    kwargs = {"rho": 0.05} if method == "imbsam" else {"stages": (1, 1, 1), "rho_head": 0.05, "rho_tail": 0.1}
+    assert_params(module, reference_run(method, 3, tail_weight=callback.tail_weight, **kwargs))
+
+
+def test_callback_sam_every_equals_the_optimizer_wrapper():
+    """ImbSAM with sam_every=2 in Trainer.fit = the optimizer wrapper in a plain loop (SAM and plain steps,
+    both with the tail weight 2)."""
+    module = LinearModule(batches=4)
+    fit(module, ImbSAM(rho=0.05, tail_threshold=10, sam_every=2))
+    assert module.training_step_calls == 3 + 1 + 3 + 1
+    x, y, params = problem()
+    weight, bias = nn.Parameter(params[0].clone()), nn.Parameter(params[1].clone())
+    wrapper = ImbSAMOptimizer(
+        torch.optim.SGD([weight, bias], lr=0.1, momentum=0.9, weight_decay=1e-3), tail_classes=[2, 3], sam_every=2
+    )
+    for _ in range(4):
+        wrapper.step(lambda: (F.cross_entropy(x @ weight + bias, y, reduction="none"), y))
+    assert_params(module, [weight.detach(), bias.detach()])
 
 
 @pytest.mark.parametrize("gamma, stages", [(0.0, (2, 2, 2)), (0.5, (1, 1, 2)), (1.0, (1, 1, 1))])
@@ -194,6 +223,58 @@ def test_module_without_the_protocol_gets_a_hint():
         fit(LinearModule(protocol=False), ImbSAM(tail_threshold=10))
 
 
+class WeightedLossModule(LinearModule):
+    """A user's training_step that class-weights ``loss`` but returns the unweighted per-sample losses."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        weight = torch.tensor([1.0, 1.0, 5.0, 5.0])
+        return {
+            "loss": F.cross_entropy(logits, y, weight=weight),
+            "per_sample_loss": F.cross_entropy(logits, y, reduction="none"),
+            "target": y,
+        }
+
+
+@pytest.mark.parametrize("make", [lambda: ImbSAM(tail_threshold=10), lambda: SSESAM(tail_threshold=10, gamma=0.5)])
+def test_loss_that_is_not_the_per_sample_mean_is_refused_at_the_first_step(make):
+    module = WeightedLossModule()
+    before = module.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"(?s)`loss` \(.*\) that is not the mean of its `per_sample_loss`.*"
+                                         r"Fix: return per-sample losses whose mean is `loss`"):
+        fit(module, make())
+    assert torch.equal(module.weight.detach(), before)  # refused before the first update
+
+
+def test_loss_weighted_from_a_later_epoch_is_refused_in_that_epoch():
+    """As a DRW switch would do it: unweighted in epoch 0 (accepted), weighted from epoch 1 (refused)."""
+
+    class LaterWeights(WeightedLossModule):
+        def training_step(self, batch, batch_idx):
+            if self.current_epoch == 0:
+                return LinearModule.training_step(self, batch, batch_idx)
+            return super().training_step(batch, batch_idx)
+
+    module = LaterWeights(batches=2)
+    with pytest.raises(ValueError, match="not the mean of its `per_sample_loss`"):
+        fit(module, ImbSAM(tail_threshold=10), max_epochs=2)
+    assert module.trainer.current_epoch == 1 and module.trainer.global_step == 2
+
+
+def test_loss_equal_to_the_per_sample_mean_up_to_rounding_is_accepted():
+    class SeparateLoss(LinearModule):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self(x)  # the mean computed by the loss itself: equal up to rounding
+            return {"loss": F.cross_entropy(logits, y), "per_sample_loss": F.cross_entropy(logits, y, reduction="none"),
+                    "target": y}
+
+    module = SeparateLoss()
+    fit(module, ImbSAM(rho=0.05, tail_threshold=10))
+    assert_params(module, reference_run("imbsam", 3, rho=0.05))
+
+
 def test_module_without_class_counts_gets_a_hint():
     module = LinearModule()
     module.class_counts = None
@@ -208,6 +289,8 @@ def test_module_without_class_counts_gets_a_hint():
         (lambda: SAM(sam_every=0), "sam_every"),
         (lambda: ImbSAM(tail_threshold=0), "tail_threshold"),
         (lambda: SSESAM(gamma=-1), "gamma"),
+        (lambda: ImbSAM(tail_weight=0.0), "tail_weight"),
+        (lambda: SSESAM(tail_weight=-1.0), "tail_weight"),
         (lambda: OptimizerStages({}), "stages"),
         (lambda: OptimizerStages({-1: None}), "epochs >= 0"),
     ],
@@ -235,7 +318,12 @@ def test_learning_rate_monitor_logs_the_base_optimizer_once(tmp_path):
     assert [c for c in header if c.startswith("lr-")] == ["lr-SGD"]
 
 
-@pytest.mark.parametrize("make", [lambda: SAM(rho=0.5), lambda: ImbSAM(rho=0.5, tail_threshold=10)])
+@pytest.mark.parametrize("make", [
+    lambda: SAM(rho=0.5),
+    lambda: ImbSAM(rho=0.5, tail_threshold=10),
+    lambda: ImbSAM(rho=0.5, tail_threshold=10, sam_every=2),  # plain steps too: the module's loss, unweighted
+    lambda: SSESAM(rho_head=0.5, rho_tail=0.5, tail_threshold=10),
+])
 def test_on_train_batch_end_gets_the_first_pass_outputs(make):
     seen = []
 

@@ -6,7 +6,8 @@ the test records the rows each rank really got and builds the reference from the
 with ``rho > 0`` the perturbation uses that rank's *local* gradient (the first pass runs under
 ``no_sync``); the gradients that make the update (the pass at ``w + e``, and the ``rho = 0`` head pass of
 ImbSAM / SSE-SAM stage 2) are averaged over the ranks (DDP all-reduce mean); then SGD (momentum, weight
-decay) steps. Group losses are ``sum_{i in group} l_i / B_r`` over the rank's own batch.
+decay) steps. Group losses are ``sum_{i in group} l_i / B_r`` over the rank's own batch, the tail one times
+the method's tail weight (ImbSAM 2, SSE-SAM 1), in every pass.
 """
 
 from __future__ import annotations
@@ -108,11 +109,13 @@ def local_gradient(step: dict, params, x, y, perturb_with=None) -> list[torch.Te
     ``perturb_with(group)`` overrides the gradient that makes the perturbation (for the negative control).
     """
 
+    tail_weight = step.get("tail_weight", 1.0)
+
     def at_perturbed(group, rho):
         if rho == 0:
-            return gradient(params, x, y, group)
-        g = gradient(params, x, y, group) if perturb_with is None else perturb_with(group)
-        return gradient(perturbed(params, g, rho, step.get("adaptive", False)), x, y, group)
+            return gradient(params, x, y, group, tail_weight)
+        g = gradient(params, x, y, group, tail_weight) if perturb_with is None else perturb_with(group)
+        return gradient(perturbed(params, g, rho, step.get("adaptive", False)), x, y, group, tail_weight)
 
     method = step["method"]
     if method == "sgd":
@@ -138,8 +141,8 @@ def ddp_reference(steps: list[dict], rows: list[list[list[int]]], global_perturb
         perturb_with = None
         if global_perturbation:
 
-            def perturb_with(group, params=params, batches=batches):
-                grads = [gradient(params, x, y, group) for x, y in batches]
+            def perturb_with(group, params=params, batches=batches, tail_weight=step.get("tail_weight", 1.0)):
+                grads = [gradient(params, x, y, group, tail_weight) for x, y in batches]
                 return [sum(parts) / WORLD for parts in zip(*grads)]
 
         per_rank = [local_gradient(step, params, x, y, perturb_with) for x, y in batches]
@@ -158,7 +161,7 @@ CASES = {
     "imbsam": (
         lambda: ImbSAM(rho=0.1, tail_threshold=10),
         True,
-        [{"method": "headtail", "rho_head": 0.0, "rho_tail": 0.1}] * 2,
+        [{"method": "headtail", "rho_head": 0.0, "rho_tail": 0.1, "tail_weight": 2.0}] * 2,
     ),
     # gamma 0.5 of 2 epochs: epoch 0 is stage 1 (4 passes), epoch 1 stage 2 (ImbSAM)
     "ssesam_stage1_then_2": (

@@ -152,34 +152,54 @@ def test_coco128_resize_and_flip(coco128):
         assert torch.equal(plain_target["labels"], mirror_target["labels"])
 
 
-def test_coco128_ground_truth_scores_perfect_detections(coco128):
+def test_coco128_ground_truth_is_the_json_and_scores_perfect_detections(coco128):
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
+    from lightning_lt.tasks.detection import to_native_pixels
+
     dm = COCODetection(str(coco128), image_size=128, max_size=1333, eval_batch_size=16, num_workers=0)
     dm.setup("validate")
+    val = load_json(coco128, "val2017")
+    # the evaluation ground truth is the json's: native sizes, boxes, areas, crowd flags (ids renumbered)
     gt = dm.coco_ground_truth("val")
-    assert len(gt["images"]) == 128 and len(gt["annotations"]) == 898 and len(gt["categories"]) == 80
-    sizes = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+    assert sorted((im["id"], im["width"], im["height"]) for im in gt["images"]) == sorted(
+        (im["id"], im["width"], im["height"]) for im in val["images"]
+    )
+
+    def rows(annotations):  # bbox to 1e-9 pixels: (x, y, w, h) -> xyxy -> (x, y, w, h) rounds
+        return sorted((a["image_id"], a["category_id"], tuple(round(v, 9) for v in a["bbox"]), a["area"], a["iscrowd"])
+                      for a in annotations)
+
+    assert rows(gt["annotations"]) == rows(val["annotations"])
+    by_image = {}
+    for a in val["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
     results = []
     for images, targets in dm.val_dataloader():
         for image, target in zip(images, targets):
             image_id = int(target["image_id"])
-            assert sizes[image_id] == tuple(image.shape[1:])  # the ground truth's sizes are the loader's
-            for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
-                x1, y1, x2, y2 = box
+            anns = by_image.get(image_id, [])
+            truth = target["ground_truth"]
+            assert set(truth) == {"boxes", "labels", "iscrowd", "area"} and truth["boxes"].dtype == torch.float64
+            torch.testing.assert_close(truth["boxes"], torch.tensor([xywh_to_xyxy(a["bbox"]) for a in anns],
+                                                                    dtype=torch.float64).reshape(-1, 4))
+            assert truth["area"].tolist() == [a["area"] for a in anns]
+            assert truth["labels"].tolist() == [dm.category_ids.index(a["category_id"]) for a in anns]
+            assert min(image.shape[1:]) == 128  # resized, while the ground truth stays in native pixels
+            native = to_native_pixels(target["boxes"], image, target["orig_size"])
+            for (x1, y1, x2, y2), label in zip(native.tolist(), target["labels"].tolist()):
                 results.append({"image_id": image_id, "category_id": dm.category_ids[label],
                                 "bbox": [x1, y1, x2 - x1, y2 - y1], "score": 1.0})  # fmt: skip
     assert len(results) == 898
     with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
+        coco = COCO(str(coco128 / "annotations" / "instances_val2017.json"))
         evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    assert evaluator.stats[0] == pytest.approx(1.0)  # AP@[.5:.95]: the loader's boxes are the ground truth
+    # AP@[.5:.95] and the size APs (native areas: large objects exist at any image_size)
+    assert evaluator.stats[0] == pytest.approx(1.0) and evaluator.stats[5] == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- fake COCO
@@ -229,7 +249,8 @@ def fake_dm(root, **kwargs) -> COCODetection:
 
 def test_fake_coco_bad_boxes_counted_and_repaired(fake_coco):
     dm = fake_dm(fake_coco, hflip=0.0, batch_size=3)
-    with pytest.warns(UserWarning, match=r"instances_train.json.*2 box\(es\).*clipped.*2 .*dropped"):
+    # the dropped boxes are named by their annotation ids (2: zero width, 4: outside the image)
+    with pytest.warns(UserWarning, match=r"instances_train.json.*2 box\(es\).*clipped.*2 .*dropped \(annotation ids 2, 4\)"):
         counts = dm.class_counts
     # labels: 0 = person (id 1), 1 = dog (id 18), 2 = toothbrush (id 90); the crowd dog and the dropped boxes
     # are not counted
@@ -249,6 +270,7 @@ def test_fake_coco_bad_boxes_counted_and_repaired(fake_coco):
     image, target = by_id[7]
     assert target["boxes"].tolist() == [[1, 1, 6, 6], [30, 20, 40, 30]] and target["labels"].tolist() == [0, 1]
     assert by_id[5][1]["boxes"].tolist() == [[0, 2, 5, 12]]
+    assert "ground_truth" not in target  # training targets carry only what the detector trains on
     # an image without boxes is kept, with empty targets of the right shapes and dtypes
     empty = by_id[3][1]
     assert empty["boxes"].shape == (0, 4) and empty["boxes"].dtype == torch.float32
@@ -265,30 +287,69 @@ def test_fake_coco_bad_boxes_counted_and_repaired(fake_coco):
     losses = model(images, targets)
     assert all(torch.isfinite(v) for v in losses.values())
 
-    # ground truth in native coordinates: the repaired boxes, the crowd box flagged, ids 1..N
-    gt = dm.coco_ground_truth("train", original_size=True)
+    # the evaluation ground truth is the json's: boxes as annotated (not clipped, none dropped), the crowd box
+    # flagged, the annotated areas, ids 1..N
+    gt = dm.coco_ground_truth("train")
     assert [im["id"] for im in gt["images"]] == [3, 5, 7]
-    rows = [(a["id"], a["image_id"], a["category_id"], a["bbox"], a["iscrowd"]) for a in gt["annotations"]]
+    rows = [(a["id"], a["image_id"], a["category_id"], a["bbox"], a["area"], a["iscrowd"]) for a in gt["annotations"]]
     assert rows == [
-        (1, 5, 1, [0, 2, 5, 10], 0),
-        (2, 7, 1, [1, 1, 5, 5], 0),
-        (3, 7, 18, [30, 20, 10, 10], 0),
-        (4, 7, 18, [2, 2, 10, 10], 1),
+        (1, 5, 1, [-5, 2, 10, 10], 10.0, 0),
+        (2, 7, 1, [1, 1, 5, 5], 10.0, 0),
+        (3, 7, 1, [10, 10, 0, 5], 10.0, 0),
+        (4, 7, 18, [30, 20, 20, 20], 10.0, 0),
+        (5, 7, 90, [50, 5, 5, 5], 10.0, 0),
+        (6, 7, 18, [2, 2, 10, 10], 10.0, 1),
     ]
     with pytest.raises(ValueError, match="`split`"):
         dm.coco_ground_truth("test")
 
 
-def test_fake_coco_ground_truth_follows_resizing(fake_coco):
+def test_fake_coco_evaluation_targets_keep_native_ground_truth(fake_coco):
     dm = fake_dm(fake_coco, image_size=15, max_size=100)  # 40x30 -> 20x15: every coordinate halves
     with pytest.warns(UserWarning, match="clipped"):
         gt = dm.coco_ground_truth("val")
-    assert gt["images"] == [{"id": 11, "file_name": "val/d.jpg", "width": 20, "height": 15}]
-    assert gt["annotations"][0]["bbox"] == [17.5, 0.0, 2.5, 5.0] and gt["annotations"][0]["area"] == 2.5
+    assert gt["images"] == [{"id": 11, "file_name": "val/d.jpg", "width": W, "height": H}]
+    assert gt["annotations"][0]["bbox"] == [35, 0, 10, 10] and gt["annotations"][0]["area"] == 10.0
     dm.setup("validate")
     image, target = dm.val_dataset[0]
     assert tuple(image.shape) == (3, 15, 20) and target["orig_size"].tolist() == [H, W]
-    assert target["boxes"].tolist() == [[17.5, 0.0, 20.0, 5.0]]
+    assert target["boxes"].tolist() == [[17.5, 0.0, 20.0, 5.0]]  # clipped, resized: what the detector sees
+    truth = target["ground_truth"]  # as annotated, native pixels: what COCOeval compares with
+    assert truth["boxes"].tolist() == [[35, 0, 45, 10]] and truth["boxes"].dtype == torch.float64
+    assert truth["labels"].tolist() == [2] and truth["iscrowd"].tolist() == [0] and truth["area"].tolist() == [10.0]
+    images, targets = next(iter(dm.val_dataloader()))  # the collated batch keeps the nested dict
+    assert torch.equal(targets[0]["ground_truth"]["boxes"], truth["boxes"])
+
+
+def test_fake_coco_negative_box_size_is_named_with_the_fix(tmp_path):
+    boxes = [(1, 1, [1, 1, 5, 5], 0), (1, 18, [20, 5, -4, 6], 0), (1, 18, [2, 9, 3, -1], 1)]
+    write_coco(tmp_path, "train", [(1, "a.jpg")], boxes)
+    write_coco(tmp_path, "val", [(1, "a.jpg")], boxes)
+    dm = fake_dm(tmp_path)
+    with pytest.warns(UserWarning) as record:
+        counts = dm.class_counts
+    messages = [str(w.message) for w in record]
+    negative = [m for m in messages if "have a negative" in m]
+    assert len(negative) == 1
+    # the problem (which annotations, what is wrong) and the fix
+    assert "2 box(es) have a negative width or height (annotation ids 2, 3)" in negative[0]
+    assert "Fix them in the annotation file: 'bbox' is [x, y, width, height] with width >= 0 and height >= 0" in negative[0]
+    assert counts == [1, 0, 0]
+    with pytest.warns(UserWarning) as record:
+        gt = dm.coco_ground_truth("val")
+    assert any("instances_val.json': 2 box(es) have a negative width or height (annotation ids 2, 3)" in str(w.message)
+               for w in record)
+    assert [a["bbox"] for a in gt["annotations"]] == [[1, 1, 5, 5]]  # not evaluated either
+
+
+def test_fake_coco_image_without_size_names_the_image_and_the_fix(tmp_path):
+    write_coco(tmp_path, "train", [(1, "a.jpg"), (2, "b.jpg")], [(1, 1, [1, 1, 5, 5], 0)])
+    content = json.loads((tmp_path / "annotations" / "instances_train.json").read_text())
+    del content["images"][1]["height"]
+    (tmp_path / "annotations" / "instances_train.json").write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=r"instances_train.json.*1 image\(s\) have no 'width' / 'height', the first is "
+                       r"image id 2 \('b.jpg'\)\. Add \"width\" and \"height\""):
+        fake_dm(tmp_path).class_counts
 
 
 def test_fake_coco_unknown_category(tmp_path):
@@ -373,7 +434,7 @@ def test_voc_boxes_zero_based_and_difficult(voc_root):
     assert dm.train_dataset.records[1][2:4] == (H, W) and dm.train_dataset[1][1]["boxes"].tolist() == [[2, 3, 7, 8]]
     assert dm.train_dataset[2][1]["boxes"].shape == (0, 4)
     # the difficult object is an ignored (crowd) region of the ground truth
-    gt = dm.coco_ground_truth("train", original_size=True)
+    gt = dm.coco_ground_truth("train")
     crowd = [a for a in gt["annotations"] if a["iscrowd"]]
     assert len(crowd) == 1 and crowd[0]["bbox"] == [4, 4, 15, 15]
     assert crowd[0]["category_id"] == VOC_CLASSES.index("person") + 1

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightning_lt.optim import SAM, SSESAM, ImbSAM, preserve_batchnorm_stats
-from tests.optim.sam_reference import TAIL, problem, reference_run
+from tests.optim.sam_reference import TAIL, ReferenceSGD, gradient, problem, reference_run, sam_gradient
 
 
 class Linear(nn.Module):
@@ -69,11 +69,48 @@ def test_ssesam_three_steps_both_stages(stages):
     assert_params(model, reference_run("ssesam", 3, stages=stages, rho_head=0.05, rho_tail=0.1))
 
 
-def test_stage_two_equals_imbsam():
+def test_stage_two_equals_imbsam_with_ssesams_tail_weight():
     _, _, _, optimizer = make(SSESAM, tail_classes=[2], rho_head=0.05, rho_tail=0.1)
     optimizer.set_stage(2)
-    assert optimizer.rhos == [0.0, 0.1]
-    assert reference_run("ssesam", 2, stages=(2, 2), rho_tail=0.1)[0].allclose(reference_run("imbsam", 2, rho=0.1)[0])
+    assert optimizer.rhos == [0.0, 0.1] and optimizer.tail_weight == 1.0
+    stage_two = reference_run("ssesam", 2, stages=(2, 2), rho_tail=0.1)[0]
+    assert stage_two.allclose(reference_run("imbsam", 2, rho=0.1, tail_weight=1.0)[0])
+    # ImbSAM's published tail weight is 2, SSE-SAM's 1: the defaults differ
+    assert not stage_two.allclose(reference_run("imbsam", 2, rho=0.1)[0], atol=1e-4)
+
+
+@pytest.mark.parametrize("wrapper_cls, default", [(ImbSAM, 2.0), (SSESAM, 1.0)])
+def test_tail_weight_defaults_and_group_losses(wrapper_cls, default):
+    model = nn.Linear(2, 3)
+    optimizer = wrapper_cls(torch.optim.SGD(model.parameters(), lr=0.1), tail_classes=[2])
+    assert optimizer.tail_weight == default and optimizer.eps == 1e-16
+    losses, target = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([0, 2, 1, 2])
+    head = optimizer.group_loss(losses, target, 0)
+    tail = optimizer.group_loss(losses, target, 1)
+    assert head.item() == pytest.approx((1.0 + 3.0) / 4)
+    assert tail.item() == pytest.approx(default * (2.0 + 4.0) / 4)
+    # a plain step's loss (group None) is L_head + L_tail, with the same tail weight
+    assert optimizer.group_loss(losses, target, None).item() == pytest.approx((head + tail).item())
+
+
+@pytest.mark.parametrize("tail_weight", [1.0, 2.0, 3.5])
+def test_imbsam_tail_weight_against_the_reference(tail_weight):
+    x, y, model, optimizer = make(ImbSAM, tail_classes=TAIL.tolist(), rho=0.05, tail_weight=tail_weight)
+    for _ in range(3):
+        optimizer.step(per_sample_closure(model, x, y))
+    assert_params(model, reference_run("imbsam", 3, rho=0.05, tail_weight=tail_weight))
+
+
+def test_plain_steps_of_sam_every_use_the_tail_weight():
+    """With ``sam_every=2`` step 1 is an ImbSAM step, step 2 a plain one on ``L_head + 2 L_tail``."""
+    x, y, model, optimizer = make(ImbSAM, tail_classes=TAIL.tolist(), rho=0.05, sam_every=2)
+    for _ in range(2):
+        optimizer.step(per_sample_closure(model, x, y))
+    sgd, params = ReferenceSGD(0.1, 0.9, 1e-3), problem()[2]
+    head, tail = gradient(params, x, y, "head"), sam_gradient(params, x, y, "tail", 0.05, tail_weight=2.0)
+    params = sgd.step(params, [h + t for h, t in zip(head, tail)])
+    head, tail = gradient(params, x, y, "head"), gradient(params, x, y, "tail", tail_weight=2.0)
+    assert_params(model, sgd.step(params, [h + t for h, t in zip(head, tail)]))
 
 
 def test_param_groups_and_state_are_shared_with_the_base_optimizer():
@@ -157,3 +194,6 @@ def test_errors_name_the_problem():
         imb.step(lambda: F.cross_entropy(model(torch.ones(2, 2)), torch.tensor([0, 1])))
     with pytest.raises(ValueError, match="stage"):
         SSESAM(base, tail_classes=[1]).set_stage(3)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="tail_weight.*> 0"):
+            ImbSAM(base, tail_classes=[1], tail_weight=bad)

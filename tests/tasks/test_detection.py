@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_lt.tasks import DetectionModule
 from lightning_lt.tasks.detection import guided_loss_scaling, optimal_bias
-from tests.helpers import DDP_STRATEGY
+from lightning_lt.tasks.base import safe_metric_key
+from tests.helpers import DDP_STRATEGY, shared_data_dir
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers:UserWarning",
@@ -192,35 +193,67 @@ def test_fcos_counts_points_with_its_own_rule():
     assert fg > 0 and fg + bg == total_points  # FCOS ignores no point
 
 
-def test_sampling_free_bce_replaces_the_focal_loss():
-    data = SquaresData(n=2)
-    images, targets = next(iter(data.train_dataloader()))
-    focal, free = make_module(), make_module(sampling_free=True)
-    free.model.load_state_dict(focal.model.state_dict())
-    focal.train(), free.train()
-    l_focal, l_free = focal.model(images, targets), free.model(images, targets)
-    torch.testing.assert_close(l_focal["bbox_regression"], l_free["bbox_regression"])
-    assert not torch.allclose(l_focal["classification"], l_free["classification"])
-    # the BCE term by hand: every anchor not between the thresholds, summed, / foreground anchors, image mean
+def _record_head_inputs(module: DetectionModule, images, targets) -> dict:
+    """What the detector hands its head's ``compute_loss`` for one batch (logits, matching, transformed targets)."""
     recorded = {}
-    model = free.model
+    model = module.model
 
     def grab(targets_, head_outputs, anchors, matched_idxs):
-        recorded.update(cls_logits=head_outputs["cls_logits"], matched=matched_idxs)
+        recorded.update(head_outputs=head_outputs, anchors=anchors, matched=matched_idxs, targets=targets_)
         return {"classification": torch.zeros(()), "bbox_regression": torch.zeros(())}
 
     model.head.compute_loss = grab
-    model(images, targets)
-    del model.head.compute_loss
-    per_image = []
-    transformed = model.transform(images, targets)[1]
-    for logits, matched, target in zip(recorded["cls_logits"], recorded["matched"], transformed):
-        labels = torch.zeros_like(logits)
+    try:
+        model(images, targets)
+    finally:
+        del model.head.compute_loss
+    return recorded
+
+
+def _batch_bce(logits, matched_idxs, targets):
+    """BCE summed over every anchor and class of the batch / (foreground anchors + images), by hand."""
+    total, foreground = 0.0, 0
+    for image_logits, matched, target in zip(logits, matched_idxs, targets):
+        labels = torch.zeros_like(image_logits)
         fg = matched >= 0
         labels[fg, target["labels"][matched[fg]]] = 1.0
-        keep = matched != -2
-        per_image.append(F.binary_cross_entropy_with_logits(logits[keep], labels[keep], reduction="sum") / max(1, int(fg.sum())))
-    torch.testing.assert_close(l_free["classification"], torch.stack(per_image).mean())
+        total = total + F.binary_cross_entropy_with_logits(image_logits, labels, reduction="sum")
+        foreground += int(fg.sum())
+    return total / (foreground + len(targets))
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+def test_sampling_free_bce_replaces_the_focal_loss(arch):
+    data = SquaresData(n=3, batch_size=3)  # 1, 2 and 0 boxes: different foreground counts
+    images, targets = next(iter(data.train_dataloader()))
+    focal, free = make_module(arch), make_module(arch, sampling_free=True)
+    free.model.load_state_dict(focal.model.state_dict())
+    focal.train(), free.train()
+    torch.manual_seed(0)
+    l_focal = focal.model(images, targets)
+    torch.manual_seed(0)
+    l_free = free.model(images, targets)
+    assert set(l_free) == set(l_focal)
+    for key in set(l_focal) - {"classification"}:  # the box losses are the detector's own
+        torch.testing.assert_close(l_focal[key], l_free[key])
+    assert not torch.allclose(l_focal["classification"], l_free["classification"])
+    # the BCE term by hand: every anchor (between the thresholds too), summed over the batch,
+    # / (foreground anchors of the batch + images)
+    recorded = _record_head_inputs(free, images, targets)
+    if arch == "retinanet":
+        assert any(bool((m == -2).any()) for m in recorded["matched"])  # between-threshold anchors are present
+    expected = _batch_bce(recorded["head_outputs"]["cls_logits"], recorded["matched"], recorded["targets"])
+    torch.testing.assert_close(l_free["classification"], expected)
+
+
+def test_sampling_free_fcos_computes_no_focal_loss(monkeypatch):
+    import torchvision.models.detection.fcos as fcos
+
+    module = make_module("fcos", sampling_free=True)
+    monkeypatch.setattr(fcos, "sigmoid_focal_loss", lambda *a, **k: pytest.fail("focal loss computed"))
+    images, targets = next(iter(SquaresData(n=2).train_dataloader()))
+    losses = module.model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
 
 
 # ------------------------------------------------------------------------------ training
@@ -300,3 +333,263 @@ def test_box_report_of_the_data_module_is_logged(tmp_path):
     trainer.fit(module, datamodule=Reporting())
     assert trainer.callback_metrics["data/train_clipped"].item() == 2
     assert trainer.callback_metrics["data/train_dropped"].item() == 1
+
+
+# ------------------------------------------------------------------------------ evaluation = COCOeval on the json
+# A COCO-format data set whose evaluation must match COCOeval on its own json: native sizes 320x240 ... 640x480
+# (the loader resizes them to a shorter side of 128), boxes small / medium / large in native pixels, annotated
+# areas that differ from the box areas (and move boxes between size ranges), crowd boxes with detections on them,
+# a box partly outside its image, a category whose only box is a crowd one, and an image without boxes.
+EVAL_CATEGORIES = [{"id": 3, "name": "car"}, {"id": 7, "name": "train"}, {"id": 11, "name": "fire hydrant"}]
+EVAL_IMAGES = [  # id, file, width, height
+    (21, "a.jpg", 320, 240), (4, "b.jpg", 640, 480), (9, "c.jpg", 300, 200), (15, "d.jpg", 500, 400),
+]
+EVAL_ANNOTATIONS = [  # image id, category id, [x, y, w, h], area, iscrowd
+    (21, 3, [10, 12, 20, 18], 290.0, 0),  # small
+    (21, 3, [100, 40, 40, 40], 900.0, 0),  # medium box, small annotated area
+    (21, 7, [150, 100, 160, 130], 15000.0, 0),  # large
+    (21, 3, [280, 200, 60, 50], 3000.0, 0),  # partly outside the image (clipped for training only)
+    (4, 7, [20, 30, 300, 200], 52000.0, 0),  # large
+    (4, 3, [400, 300, 64, 64], 4096.0, 0),  # medium
+    (4, 3, [350, 50, 200, 150], 25000.0, 1),  # crowd: detections on it are ignored
+    (4, 11, [10, 400, 100, 60], 5000.0, 1),  # the only fire hydrant is a crowd box
+    (15, 7, [60, 80, 120, 90], 9000.0, 0),  # medium by its area, large by its box
+    (15, 3, [300, 200, 25, 25], 500.0, 0),  # small
+    (15, 3, [200, 10, 280, 150], 38000.0, 1),  # crowd
+]  # image 9 has no box
+
+
+def write_eval_coco(root: Path, split: str = "val") -> Path:
+    """The data set above (the same for train and val) as COCO json plus random JPEG images."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    (root / split).mkdir(parents=True, exist_ok=True)
+    for k, (_, name, width, height) in enumerate(EVAL_IMAGES):
+        pixels = np.random.default_rng(k).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / split / name)
+    content = {
+        "images": [{"id": i, "file_name": n, "width": w, "height": h} for i, n, w, h in EVAL_IMAGES],
+        "annotations": [
+            {"id": 100 + k, "image_id": i, "category_id": c, "bbox": box, "area": area, "iscrowd": crowd}
+            for k, (i, c, box, area, crowd) in enumerate(EVAL_ANNOTATIONS)
+        ],
+        "categories": EVAL_CATEGORIES,
+    }
+    (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
+    return root / "annotations" / f"instances_{split}.json"
+
+
+def native_detections(gt: dict, seed: int, per_box: int = 2, extra: int = 3) -> list[dict]:
+    """COCO results (native pixels): ``per_box`` jittered detections of every ground-truth box (crowd ones too,
+    with the right or a wrong category), ``extra`` random false positives per image (the image without boxes
+    too); random scores."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = {im["id"]: (im["width"], im["height"]) for im in gt["images"]}
+    category_ids = [c["id"] for c in gt["categories"]]
+
+    def rand(n=1):
+        return torch.rand(n, generator=g, dtype=torch.float64).tolist()
+
+    results = []
+    for ann in gt["annotations"]:
+        x, y, w, h = ann["bbox"]
+        for _ in range(per_box):
+            dx, dy, dw, dh = (v - 0.5 for v in rand(4))
+            category = ann["category_id"] if rand()[0] < 0.8 else category_ids[int(rand()[0] * len(category_ids))]
+            box = [x + 0.3 * dx * w, y + 0.3 * dy * h, w * (1 + 0.4 * dw), h * (1 + 0.4 * dh)]
+            results.append({"image_id": ann["image_id"], "category_id": category, "bbox": box, "score": rand()[0]})
+    for image_id, (width, height) in sizes.items():
+        for _ in range(extra):
+            fx, fy, fw, fh = rand(4)
+            w, h = 4 + fw * width / 2, 4 + fh * height / 2
+            box = [fx * (width - w), fy * (height - h), w, h]
+            category = category_ids[int(rand()[0] * len(category_ids))]
+            results.append({"image_id": image_id, "category_id": category, "bbox": box, "score": rand()[0]})
+    return results
+
+
+def tag_images(datamodule):
+    """Make ``datamodule``'s evaluation images carry their ``image_id`` in pixel ``[0, 0, 0]`` (exact in float32),
+    so that :class:`FixedDetector` knows which image it is given (everything else is the data module's own)."""
+    transform = datamodule.eval_transform()
+
+    def tagged(image, target):
+        image, target = transform(image, target)
+        image[0, 0, 0] = float(target["image_id"])
+        return image, target
+
+    datamodule.eval_transform = lambda: tagged
+    return datamodule
+
+
+class FixedDetector(torch.nn.Module):
+    """A stand-in for the torchvision detector whose detections are given: it reads each image's id (see
+    :func:`tag_images`) and returns that image's detections (native pixels) scaled to the image it is given,
+    in float32, as the detector returns them."""
+
+    def __init__(self, datamodule, results: list[dict]) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        label_of = {c: k for k, c in enumerate(datamodule.category_ids)}
+        self.native_size = {r.image_id: (r.height, r.width) for r in datamodule.split_records("val")}
+        self.by_id = {}
+        for image_id in self.native_size:
+            mine = [r for r in results if r["image_id"] == image_id]
+            boxes = torch.tensor([r["bbox"] for r in mine], dtype=torch.float64).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]
+            scores = torch.tensor([r["score"] for r in mine], dtype=torch.float32)
+            labels = torch.tensor([label_of[r["category_id"]] for r in mine], dtype=torch.int64)
+            self.by_id[image_id] = (boxes, scores, labels)
+
+    def forward(self, images):
+        out = []
+        for image in images:
+            image_id = int(image[0, 0, 0])
+            (boxes, scores, labels), (height, width) = self.by_id[image_id], self.native_size[image_id]
+            h, w = image.shape[-2:]
+            scale = torch.tensor([w / width, h / height] * 2, dtype=torch.float64)
+            out.append({"boxes": (boxes * scale).float(), "scores": scores, "labels": labels})
+        return out
+
+
+def cocoeval(annotation_file_or_dict, results: list[dict]):
+    """pycocotools on its own: ``stats`` and the AP of each category id (nan without ground truth)."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        if isinstance(annotation_file_or_dict, dict):
+            coco = COCO()
+            coco.dataset = annotation_file_or_dict
+            coco.createIndex()
+        else:
+            coco = COCO(str(annotation_file_or_dict))
+        evaluator = COCOeval(coco, coco.loadRes(results), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    precision = evaluator.eval["precision"][:, :, :, 0, -1]
+    per_category = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        defined = precision[:, :, k][precision[:, :, k] > -1]
+        per_category[category_id] = float(defined.mean()) if defined.size else float("nan")
+    return np.asarray(evaluator.stats), per_category
+
+
+def assert_module_equals_cocoeval(metrics: dict, datamodule, stats, per_category) -> None:
+    keys = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large")
+    logged = [float(metrics[f"val/{k}"]) for k in keys]
+    expected = [float(v) if v > -1 else float("nan") for v in stats[:6]]
+    assert logged == pytest.approx(expected, abs=1e-6, nan_ok=True)
+    for category_id, name in datamodule.categories():
+        assert float(metrics[f"val/ap/{safe_metric_key(name)}"]) == pytest.approx(
+            per_category[category_id], abs=1e-6, nan_ok=True)
+
+
+def validate_with(datamodule, results, tmp_path, **trainer_kwargs) -> dict:
+    module = DetectionModule("retinanet", num_classes=datamodule.num_classes, class_counts=datamodule.class_counts,
+                             class_names=datamodule.class_names, backbone="resnet18", min_size=64, max_size=64)
+    module.model = FixedDetector(tag_images(datamodule), results)
+    trainer = make_trainer(tmp_path, **trainer_kwargs)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@pytest.mark.parametrize("eval_batch_size", [1, 3])
+def test_module_map_equals_cocoeval_on_the_json(tmp_path, eval_batch_size):
+    """Acceptance: the module's val/map (and every COCO summary AP and per-class AP) equals COCOeval on the data
+    set's own json for the same detections: crowd boxes, annotated areas, native sizes, an image without boxes."""
+    from lightning_lt.datamodules import COCODetection
+
+    annotation_file = write_eval_coco(tmp_path / "data", "val")
+    write_eval_coco(tmp_path / "data", "train")
+    gt = json.loads(annotation_file.read_text())
+    results = native_detections(gt, seed=eval_batch_size)
+    data = COCODetection(str(tmp_path / "data"), train_split="train", val_split="val", image_size=128,
+                         max_size=1333, eval_batch_size=eval_batch_size, num_workers=0)
+    with pytest.warns(UserWarning, match="clipped"):  # the box partly outside its image
+        metrics = validate_with(data, results, tmp_path)
+    stats, per_category = cocoeval(annotation_file, results)
+    assert 0.05 < stats[0] < 0.95 and min(stats[3:6]) > -1  # a non-trivial score; every size range has boxes
+    assert math.isnan(per_category[11])  # crowd-only category: no AP, as in COCOeval
+    assert_module_equals_cocoeval(metrics, data, stats, per_category)
+
+
+class WriteMetrics(Callback):
+    def on_validation_end(self, trainer, pl_module):
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        Path(trainer.default_root_dir, f"metrics{trainer.global_rank}.json").write_text(json.dumps(values))
+
+
+@pytest.mark.ddp
+def test_ddp_module_map_equals_cocoeval_on_the_json(tmp_path):
+    """The same under 2-process DDP: each rank evaluates its shard, the metric gathers them."""
+    from lightning_lt.datamodules import COCODetection
+
+    annotation_file = write_eval_coco(tmp_path / "data", "val")
+    write_eval_coco(tmp_path / "data", "train")
+    results = native_detections(json.loads(annotation_file.read_text()), seed=0)
+    data = COCODetection(str(tmp_path / "data"), train_split="train", val_split="val", image_size=128,
+                         max_size=1333, eval_batch_size=1, num_workers=0)
+    with pytest.warns(UserWarning, match="clipped"):
+        validate_with(data, results, tmp_path, devices=2, strategy=DDP_STRATEGY, callbacks=[WriteMetrics()])
+    stats, per_category = cocoeval(annotation_file, results)
+    for rank in range(2):
+        metrics = json.loads((tmp_path / f"metrics{rank}.json").read_text())
+        assert_module_equals_cocoeval(metrics, data, stats, per_category)
+
+
+def test_module_map_equals_cocoeval_on_coco128(tmp_path):
+    """Real COCO-128 val2017 at a shorter side of 128: 128 images, 898 boxes, 36 categories with boxes."""
+    from lightning_lt.datamodules import COCODetection
+
+    root = shared_data_dir("coco128")
+    annotation_file = root / "annotations" / "instances_val2017.json"
+    results = native_detections(json.loads(annotation_file.read_text()), seed=1, per_box=1, extra=1)
+    data = COCODetection(str(root), image_size=128, max_size=1333, eval_batch_size=16, num_workers=0)
+    metrics = validate_with(data, results, tmp_path)
+    stats, per_category = cocoeval(annotation_file, results)
+    assert 0.05 < stats[0] < 0.95 and min(stats[3:6]) > -1
+    assert_module_equals_cocoeval(metrics, data, stats, per_category)
+
+
+def test_module_ignores_detections_on_voc_difficult_objects(tmp_path):
+    """VOC: difficult objects are COCO-style ignore regions; a detection on one is neither a true nor a false
+    positive, and val/map equals COCOeval on the data module's ground truth."""
+    import numpy as np
+    from PIL import Image
+
+    from lightning_lt.datamodules import VOCDetection
+    from lightning_lt.datamodules.multilabel import VOC_CLASSES
+
+    voc = tmp_path / "VOCdevkit" / "VOC2007"
+    objects = {"000001": [("dog", 0, (11, 21, 90, 80)), ("dog", 1, (120, 30, 190, 110))],
+               "000002": [("cat", 0, (5, 5, 60, 40))]}
+    for sub in ("Annotations", "ImageSets/Main", "JPEGImages"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    for k, (name, objs) in enumerate(objects.items()):
+        body = "".join(f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}"
+                       f"</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, d, b in objs)
+        (voc / "Annotations" / f"{name}.xml").write_text(
+            f"<annotation><size><width>200</width><height>120</height></size>{body}</annotation>")
+        pixels = np.random.default_rng(k).integers(0, 256, size=(120, 200, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(voc / "JPEGImages" / f"{name}.jpg")
+    for split in ("trainval", "test"):
+        (voc / "ImageSets" / "Main" / f"{split}.txt").write_text("000001\n000002\n")
+    data = VOCDetection(str(tmp_path / "VOCdevkit"), image_size=64, max_size=1333, num_workers=0)
+    gt = data.coco_ground_truth("val")
+    dog, cat = VOC_CLASSES.index("dog") + 1, VOC_CLASSES.index("cat") + 1
+    hits = [{"image_id": 0, "category_id": dog, "bbox": [10, 20, 79, 59], "score": 0.5},
+            {"image_id": 1, "category_id": cat, "bbox": [4, 4, 55, 35], "score": 0.4}]
+    on_difficult = [{"image_id": 0, "category_id": dog, "bbox": [119, 29, 70, 80], "score": s} for s in (0.9, 0.8)]
+    for results in (hits, hits + on_difficult):
+        metrics = validate_with(data, results, tmp_path)
+        stats, per_category = cocoeval(gt, results)
+        assert_module_equals_cocoeval(metrics, data, stats, per_category)
+        assert metrics["val/map"] == pytest.approx(1.0)  # the two higher-scored detections are not false positives

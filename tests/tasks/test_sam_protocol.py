@@ -108,8 +108,12 @@ def test_head_and_tail_group_losses_add_up_to_the_loss(weights):
     wrapper = ImbSAMOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), tail_classes=[8, 9])
     head = wrapper.group_loss(output["per_sample_loss"], output["target"], 0)
     tail = wrapper.group_loss(output["per_sample_loss"], output["target"], 1)
-    torch.testing.assert_close(head + tail, output["loss"], rtol=1e-6, atol=1e-7)
+    # ImbSAM's published tail weight 2: L_head + L_tail / 2 is the batch loss
+    torch.testing.assert_close(head + tail / 2, output["loss"], rtol=1e-6, atol=1e-7)
     assert head > 0 and tail > 0
+    wrapper.tail_weight = 1.0
+    tail = wrapper.group_loss(output["per_sample_loss"], output["target"], 1)
+    torch.testing.assert_close(head + tail, output["loss"], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize(
