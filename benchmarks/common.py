@@ -138,7 +138,7 @@ def aggregate_seeds(runs: Sequence[Mapping[str, Any]], seed_key: str = "seed") -
             continue
         if all(_is_number(v) for v in values):
             row[key] = statistics.fmean(values)
-            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            row[f"{key}_std"] = _sample_std(values) if len(values) > 1 else None
         elif any(v != value for v in values):
             raise ValueError(
                 f"The runs disagree on {key!r} ({values}): aggregate the seeds of one method at a time"
@@ -177,6 +177,13 @@ def effect_in_stds(base: Mapping[str, Any], other: Mapping[str, Any], key: str) 
         paired = statistics.stdev(diffs)
         out.update(paired_std=paired, diff_over_paired_std=_ratio(statistics.fmean(diffs), paired))
     return out
+
+
+def _sample_std(values: Sequence[float]) -> float:
+    """Sample standard deviation (``n - 1``); ``nan`` when a value is not finite (``statistics.stdev`` raises)."""
+    if not all(math.isfinite(v) for v in values):
+        return math.nan
+    return statistics.stdev(values)
 
 
 def _ratio(numerator: float, denominator: float) -> float:

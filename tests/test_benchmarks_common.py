@@ -20,6 +20,7 @@ def _load(name: str):
     sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", REPO_ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -116,3 +117,45 @@ def test_pretrained_option_builds_the_pretrained_net(script):
     torch.testing.assert_close(net(loaded), inner((image * 255 - 127) / 128), rtol=1e-4, atol=1e-4)
     if script == "multilabel_ood":
         assert net.num_features == 1280
+
+
+def test_aggregate_seeds_non_finite_value_gives_nan_std_instead_of_raising():
+    row = common.aggregate_seeds([{"name": "CE", "seed": 0, "x": math.nan}, {"name": "CE", "seed": 1, "x": 1.0}])
+    assert math.isnan(row["x_std"])
+
+
+def test_cifar10_lt_best_epoch_keeps_the_best_validation_and_survives_a_checkpoint():
+    cifar = _load("cifar10_lt")
+    best = cifar.BestEpoch()
+    assert best.best() is None
+    best.history = [{"epoch": 1, "acc": 0.3}, {"epoch": 2, "acc": 0.5}, {"epoch": 3, "acc": 0.4}]
+    assert best.best() == {"epoch": 2, "acc": 0.5}
+    resumed = cifar.BestEpoch()
+    resumed.load_state_dict(best.state_dict())
+    assert resumed.best() == {"epoch": 2, "acc": 0.5}
+
+
+def test_cifar10_lt_best_epoch_records_each_fit_validation_once(tmp_path):
+    cifar = _load("cifar10_lt")
+
+    class Fake:
+        sanity_checking = False
+        current_epoch = 0
+
+        class state:
+            fn = "fit"
+
+        callback_metrics = {"val/acc": torch.tensor(0.25), "val/acc_many": torch.tensor(0.5)}
+
+    best = cifar.BestEpoch()
+    trainer = Fake()
+    best.on_validation_end(trainer, None)
+    best.on_validation_end(trainer, None)  # the same epoch again replaces its entry
+    trainer.current_epoch = 1
+    trainer.callback_metrics = {"val/acc": torch.tensor(0.75), "val/acc_many": torch.tensor(0.5)}
+    best.on_validation_end(trainer, None)
+    trainer.state.fn = "validate"  # the trainer.validate() after fit is not an epoch of training
+    trainer.callback_metrics = {"val/acc": torch.tensor(0.99)}
+    best.on_validation_end(trainer, None)
+    assert [h["epoch"] for h in best.history] == [1, 2]
+    assert best.best() == {"epoch": 2, "acc": 0.75, "acc_many": 0.5}
