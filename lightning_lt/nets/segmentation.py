@@ -107,7 +107,7 @@ class TorchvisionSegmentation(nn.Module):
         backbone_weights_path: optional local state-dict file of the ImageNet classification backbone.
         aux_loss: add torchvision's auxiliary FCN head (DeepLabV3 / FCN only); its logits come from
             :meth:`forward_with_aux`, ``forward`` skips it. :class:`~lightning_lt.tasks.SegmentationModule`
-            trains it (``aux_weight * CE``, 0.5 as torchvision's reference training).
+            trains it (``aux_weight * CE``, 0.4 by default as MMSegmentation's auxiliary heads).
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the valid ones), ``num_classes`` < 2, ``aux_loss`` with

@@ -81,8 +81,8 @@ class SegmentationModule(TaskModule):
 
     **Auxiliary head** (torchvision's ``aux_loss=True`` of DeepLabV3 / FCN): when the network has one
     (``forward_with_aux``, as :class:`~lightning_lt.nets.TorchvisionSegmentation`, or a dict output with
-    ``"aux"``), training adds ``aux_weight * CE(aux logits)``, as torchvision's reference segmentation
-    training (``out + 0.5 * aux``; MMSegmentation's auxiliary FCN heads use 0.4). The auxiliary logits get
+    ``"aux"``), training adds ``aux_weight * CE(aux logits)``, 0.4 by default as AUCSeg's MMSegmentation
+    configs weight their auxiliary FCN head (``loss_weight=0.4``; torchvision's reference training uses 0.5). The auxiliary logits get
     the cross-entropy only (same class weights and ignore index), and evaluation uses the main head alone.
 
     Logged: ``train/loss``, ``train/loss_ce``, ``train/loss_auc`` (with an AUC loss), ``train/loss_aux``
@@ -149,7 +149,7 @@ class SegmentationModule(TaskModule):
         lr_scheduler_interval: Literal["epoch", "step"] = "step",
         log_per_class: bool = True,
         plot_per_class: bool = True,
-        aux_weight: float = 0.5,
+        aux_weight: float = 0.4,
         image_key: str = "image",
         mask_key: str = "mask",
     ) -> None:
@@ -172,7 +172,7 @@ class SegmentationModule(TaskModule):
         if aux_weight == 0 and self.has_aux_head:
             raise ValueError(
                 "The network has an auxiliary head but `aux_weight` is 0, so the head would never be trained. "
-                "HINT: set `aux_weight` > 0 (torchvision's reference: 0.5), or build the network without it "
+                "HINT: set `aux_weight` > 0 (AUCSeg / MMSegmentation: 0.4), or build the network without it "
                 "(`aux_loss=False`)."
             )
         self.aux_weight = float(aux_weight)

@@ -193,8 +193,8 @@ def aux_net(num_classes: int) -> TorchvisionSegmentation:
     return TorchvisionSegmentation(num_classes, arch="deeplabv3_mobilenet_v3_large", aux_loss=True)
 
 
-def test_auxiliary_head_is_trained_with_weight_half(tmp_path):
-    """torchvision's reference training: loss = CE(out) + 0.5 * CE(aux); the auxiliary head learns."""
+def test_auxiliary_head_is_trained_with_weight_0_4(tmp_path):
+    """AUCSeg's MMSegmentation configs: loss = CE(out) + 0.4 * CE(aux); the auxiliary head learns."""
     torch.manual_seed(0)
     module = SegmentationModule(aux_net, num_classes=NUM_CLASSES, ignore_index=IGNORE, auc_loss=PixelAUCLoss())
     images, masks = toy_segmentation(4)
@@ -205,7 +205,7 @@ def test_auxiliary_head_is_trained_with_weight_half(tmp_path):
     ce = F.cross_entropy(out, masks, ignore_index=IGNORE)
     aux_ce = F.cross_entropy(expected_aux, masks, ignore_index=IGNORE)
     torch.testing.assert_close(losses["loss_aux"], aux_ce)
-    torch.testing.assert_close(losses["loss"], ce + 1.0 * PixelAUCLoss(ignore_index=IGNORE)(out, masks) + 0.5 * aux_ce)
+    torch.testing.assert_close(losses["loss"], ce + 1.0 * PixelAUCLoss(ignore_index=IGNORE)(out, masks) + 0.4 * aux_ce)
 
     module = SegmentationModule(aux_net, num_classes=NUM_CLASSES, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
     head = {k: v.clone() for k, v in module.net.model.aux_classifier.state_dict().items()}
@@ -224,14 +224,14 @@ def test_auxiliary_head_of_a_plain_torchvision_model():
     net = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=NUM_CLASSES, aux_loss=True
     ).eval()
-    module = SegmentationModule(net, num_classes=NUM_CLASSES, ignore_index=IGNORE, aux_weight=0.4)
+    module = SegmentationModule(net, num_classes=NUM_CLASSES, ignore_index=IGNORE, aux_weight=0.5)
     images, masks = toy_segmentation(2)
     logits, aux = module._train_logits(images, masks)
     losses = module.compute_losses(logits, masks, aux)
     out = net(images)
     expected_aux = F.cross_entropy(out["aux"], masks, ignore_index=IGNORE)
     torch.testing.assert_close(losses["loss_aux"], expected_aux)
-    torch.testing.assert_close(losses["loss"], F.cross_entropy(out["out"], masks, ignore_index=IGNORE) + 0.4 * expected_aux)
+    torch.testing.assert_close(losses["loss"], F.cross_entropy(out["out"], masks, ignore_index=IGNORE) + 0.5 * expected_aux)
     with pytest.raises(ValueError, match="auxiliary head but `aux_weight` is 0"):
         SegmentationModule(net, num_classes=NUM_CLASSES, aux_weight=0.0)
 
