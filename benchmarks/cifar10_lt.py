@@ -20,7 +20,9 @@ with 0.1: 0.482 vs 0.397 on the H100). Methods (all but LDAM-DRW: CE loss, linea
 
 It writes ``benchmarks/results/<name>.json`` and ``<name>.md``: one row per method with ``acc``,
 ``acc_many``, ``acc_medium``, ``acc_few`` (fractions; CIFAR-10-LT IF=100 has no few-shot class, so
-``acc_few`` is null) and ``images_per_s``, plus rows ``PyTorch-loop`` and ``Lightning`` comparing the
+``acc_few`` is null; all of the final epoch), ``acc_best`` / ``best_epoch`` (the best test accuracy over
+the epochs, validated every ``--val-every`` epochs: what the LDAM-DRW paper reports) and ``images_per_s``;
+with ``--seeds 0 1 2`` each key is the mean over the seeds with ``<key>_std`` beside it; plus rows ``PyTorch-loop`` and ``Lightning`` comparing the
 training throughput of ``Trainer.fit`` with a plain PyTorch loop (same model, loader, batch size and
 update; medians of alternating repeats) and their ``ratio_to_loop``.
 
