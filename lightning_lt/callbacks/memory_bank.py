@@ -269,12 +269,12 @@ class TailMemoryBank(Callback):
         if distributed:
             frames = _gather_frames(images, boxes, resize.out_size, world_size)
         else:  # the step's host synchronisation
-            frames = [_Frames(boxes.tolist(), images.shape[1], images.dtype, resize.out_size)]
+            objects = [(b, t, box) for b, row in enumerate(boxes.tolist()) for t, box in enumerate(row) if box[0] >= 0]
+            frames = [_Frames(objects, images.shape[0], images.shape[1], images.dtype, resize.out_size)]
         # the step's new entries in rank, image, tail-class order: (source rank, image, tail index, box)
-        new = [(r, b, t, box) for r, frame in enumerate(frames) for b, row in enumerate(frame.boxes)
-               for t, box in enumerate(row) if box[0] >= 0]
-        step_seed = self.seed * 1_000_003 + self.batches_seen
-        kept = self._plan([self.tail_classes[t] for _, _, t, _ in new], torch.Generator().manual_seed(step_seed))
+        new = [(r, b, t, box) for r, frame in enumerate(frames) for b, t, box in frame.objects]
+        update_generator, paste_generator = self._generators(rank)
+        kept = self._plan([self.tail_classes[t] for _, _, t, _ in new], update_generator)
         survivors = sorted(set(kept.values()))
         made: dict[int, Entry] = {}
         for i in survivors:  # only this rank's objects that the step keeps are cropped
@@ -283,15 +283,15 @@ class TailMemoryBank(Callback):
                 made[i] = resize.entry(images[b], masks[b], self.tail_classes[t], box)
         if distributed:
             made = _share_entries(made, [(i, new[i][0], new[i][3]) for i in survivors], frames, rank, images.device)
-        for (c, slot), i in sorted(kept.items()):
-            slots = self.entries.setdefault(c, [])
-            if slot < len(slots):
-                slots[slot] = made[i]
-            else:
-                slots.append(made[i])
-        absent = [[t for t, box in enumerate(row) if box[0] < 0] for row in frames[rank].boxes]
-        self._paste(images, masks, absent, torch.Generator().manual_seed(step_seed * 7919 + 104_729 * (rank + 1)))
+        self._store(kept, made)
+        self._paste(images, masks, frames[rank].absent(len(self.tail_classes)), paste_generator)
         self.batches_seen += 1
+
+    def _generators(self, rank: int) -> tuple[torch.Generator, torch.Generator]:
+        """The step's generators: of the update (the same on every rank) and of the pasting (per rank)."""
+        step_seed = self.seed * 1_000_003 + self.batches_seen
+        return (torch.Generator().manual_seed(step_seed),
+                torch.Generator().manual_seed(step_seed * 7919 + 104_729 * (rank + 1)))
 
     def _move_entries(self, device: torch.device) -> None:
         """Entries live on the batch's device; those restored from a checkpoint (CPU) move there once."""
@@ -341,6 +341,15 @@ class TailMemoryBank(Callback):
                 slot = _randint(0, self.memory_size - 1, generator)
             kept[(c, slot)] = i
         return kept
+
+    def _store(self, kept: dict[tuple[int, int], int], made: dict[int, Entry]) -> None:
+        """Write the entries ``made[i]`` into the slots that :meth:`_plan` gave them."""
+        for (c, slot), i in sorted(kept.items()):
+            slots = self.entries.setdefault(c, [])
+            if slot < len(slots):
+                slots[slot] = made[i]
+            else:  # planned slots of a class that is not full follow its last one
+                slots.append(made[i])
 
     def _paste(self, images: Tensor, masks: Tensor, absent: list[list[int]], generator: torch.Generator) -> None:
         """Paste into each image ``b`` entries of the tail classes ``absent[b]`` (indices into ``tail_classes``)."""
@@ -559,13 +568,22 @@ def _first_attr(name: str, *objects: Any) -> Any:
 
 
 class _Frames(NamedTuple):
-    """One rank's step as every rank sees it: the boxes ``[B][T][4]`` (host integers, see
-    ``TailMemoryBank._boxes``), the images' channels and dtype, and the resized frame size."""
+    """One rank's step as every rank sees it: the tail objects ``(image, tail index, box)`` in image, then
+    tail-class order (host integers, see ``TailMemoryBank._boxes``), the batch size, the images' channels and
+    dtype, and the resized frame size."""
 
-    boxes: list[list[list[int]]]
+    objects: list[tuple[int, int, list[int]]]
+    batch_size: int
     channels: int
     dtype: torch.dtype
     frame_size: tuple[int, int]
+
+    def absent(self, num_tail: int) -> list[list[int]]:
+        """Per image, the tail indices it lacks."""
+        present = [set() for _ in range(self.batch_size)]
+        for b, t, _ in self.objects:
+            present[b].add(t)
+        return [[t for t in range(num_tail) if t not in held] for held in present]
 
     def entry_bytes(self, box: Sequence[int]) -> tuple[int, int]:
         """Bytes of the pixels and of the mask of the entry of ``box``."""
@@ -579,29 +597,44 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.ui
 
 
 def _gather_frames(images: Tensor, boxes: Tensor, frame_size: tuple[int, int], world_size: int) -> list[_Frames]:
-    """Every rank's :class:`_Frames`, in rank order: an ``all_gather`` of a 5-integer header (batch size,
-    channels, dtype, frame size), then one of the boxes padded to the largest batch; both are copied to the
-    host (the step's synchronisation under DDP)."""
+    """Every rank's :class:`_Frames`, in rank order, from two ``all_gather`` s of small integer tensors, each
+    copied to the host (the step's synchronisations under DDP): a header (batch size, channels, dtype, frame
+    size, number of tail objects), then the tail objects' rows ``(b * T + t, box)``, moved to the front by a
+    stable sort on the device and cut to the largest number of objects of a rank."""
     if images.dtype not in _DTYPES:
         raise ValueError(f"TailMemoryBank cannot exchange images of dtype {images.dtype} between ranks. HINT: "
                          f"convert the batch to one of {[str(d) for d in _DTYPES]} (e.g. float32) before the bank.")
-    header = torch.tensor([boxes.shape[0], images.shape[1], _DTYPES.index(images.dtype), *frame_size], device=images.device)
+    flat = boxes.flatten(0, 1)  # [B * T, 4]
+    found = flat[:, 0] >= 0
+    header = torch.tensor([boxes.shape[0], images.shape[1], _DTYPES.index(images.dtype), *frame_size, 0],
+                          device=images.device)
+    header[-1] = found.sum()
     headers = [torch.empty_like(header) for _ in range(world_size)]
     dist.all_gather(headers, header)
     headers = torch.stack(headers).tolist()
-    if len({(channels, dtype) for _, channels, dtype, _, _ in headers}) > 1:
+    if len({(channels, dtype) for _, channels, dtype, _, _, _ in headers}) > 1:
         raise ValueError(
             "TailMemoryBank: the ranks' images differ in channels or dtype "
-            f"({[(channels, str(_DTYPES[dtype])) for _, channels, dtype, _, _ in headers]}), so entries of one rank "
-            "cannot be pasted into another's images. HINT: give every rank's data loader the same transforms."
+            f"({[(channels, str(_DTYPES[dtype])) for _, channels, dtype, _, _, _ in headers]}), so entries of one "
+            "rank cannot be pasted into another's images. HINT: give every rank's data loader the same transforms."
         )
-    padded = boxes.new_full((max(h[0] for h in headers), *boxes.shape[1:]), -1)
-    padded[: boxes.shape[0]] = boxes
+    first = torch.argsort((~found).to(torch.uint8), stable=True)  # the objects first, in their order
+    rows = torch.cat([first[:, None].to(boxes.dtype), flat[first]], dim=1)
+    most = max(h[-1] for h in headers)
+    if most == 0:  # no tail object on any rank
+        return [_Frames([], size, channels, _DTYPES[dtype], (height, width))
+                for size, channels, dtype, height, width, _ in headers]
+    padded = rows.new_full((most, 5), -1)
+    padded[: min(most, len(rows))] = rows[:most]
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
     every = torch.stack(gathered).tolist()
-    return [_Frames(every[r][:size], channels, _DTYPES[dtype], (height, width))
-            for r, (size, channels, dtype, height, width) in enumerate(headers)]
+    num_tail = boxes.shape[1]
+    return [
+        _Frames([(i // num_tail, i % num_tail, box) for i, *box in every[r][:count]], size, channels, _DTYPES[dtype],
+                (height, width))
+        for r, (size, channels, dtype, height, width, count) in enumerate(headers)
+    ]
 
 
 def _share_entries(made: dict[int, Entry], kept: list[tuple[int, int, list[int]]], frames: list[_Frames], rank: int,

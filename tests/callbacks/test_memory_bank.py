@@ -661,7 +661,8 @@ class ExchangeRecorder(TailMemoryBank):
 
 
 class RankFrames(LightningDataModule):
-    """Each rank its own frames, 3 batches: rank 0 four 16 x 16 images per batch, rank 1 three 12 x 20 ones."""
+    """Each rank its own frames, 4 batches: rank 0 four 16 x 16 images per batch, rank 1 three 12 x 20 ones; the
+    last batch of both ranks without any tail object."""
 
     num_classes = NUM_CLASSES
     ignore_index = IGNORE
@@ -669,7 +670,9 @@ class RankFrames(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         rank = self.trainer.global_rank
         batch, (height, width) = [(4, (16, 16)), (3, (12, 20))][rank]
-        return DataLoader(TensorDataset(*busy_frames(3 * batch, height, width, seed=10 + rank)), batch_size=batch)
+        images, masks = busy_frames(4 * batch, height, width, seed=10 + rank)
+        masks[3 * batch :][(masks[3 * batch :] == 2) | (masks[3 * batch :] == 3)] = 0
+        return DataLoader(TensorDataset(images, masks), batch_size=batch)
 
 
 @pytest.mark.ddp
@@ -685,21 +688,23 @@ def test_ddp_exchange_sends_only_the_kept_entries_and_builds_the_shared_bank(tmp
                            devices=2, strategy=DDP_STRATEGY, use_distributed_sampler=False)
     trainer.fit(module, datamodule=RankFrames())
     records = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-    assert records[0]["seeds"] == records[1]["seeds"] and len(records[0]["seeds"]) == 3
+    assert records[0]["seeds"] == records[1]["seeds"] and len(records[0]["seeds"]) == 4
     steps = [
         [(rank, image, mask) for rank in (0, 1) for image, mask in zip(*records[rank]["inputs"][step])]
-        for step in range(3)
+        for step in range(4)
     ]
     expected, kept = entries_written_in_order(steps, 2, 0.5, records[0]["seeds"])
     for rank in (0, 1):
         assert_bank_equals(records[rank]["entries"], expected)
-        for step in range(3):
+        for step in range(4):
             other = [entry for source, entry in kept[step] if source != rank]
             assert records[rank]["received"][step] == sum(e[0].numel() * 4 + e[1].numel() for e in other)
-        assert records[rank]["syncs"] == [[("Tensor.tolist", "_gather_frames")] * 2] * 3
+        assert records[rank]["syncs"] == [[("Tensor.tolist", "_gather_frames")] * 2] * 3 + [
+            [("Tensor.tolist", "_gather_frames")]  # no tail object on any rank: the header alone
+        ]
     for c in TAIL:  # bitwise identical on both ranks
         for got, other in zip(records[0]["entries"][c], records[1]["entries"][c]):
             assert torch.equal(got[0], other[0]) and torch.equal(got[1], other[1]) and got[2:] == other[2:]
-    assert sum(len(frames) for frames in steps) == 3 * (4 + 3)
+    assert sum(len(frames) for frames in steps) == 4 * (4 + 3) and kept[3] == []
     assert sum(map(len, kept)) < sum(int((m == c).any()) for frames in steps for _, _, m in frames for c in TAIL)
     assert any(entry[1].numel() == 0 for step in kept for _, entry in step)  # an empty entry crossed ranks
