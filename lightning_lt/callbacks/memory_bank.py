@@ -91,8 +91,8 @@ class TailMemoryBank(Callback):
     random numbers, so the banks stay identical, the bank sees the whole training stream rather than one
     rank's shard, and checkpoints (written by rank 0) hold the complete bank: it equals the bank one process
     builds from the ranks' batches concatenated in rank order. Only what the step keeps is exchanged: (1) each
-    rank's frame header and the bounding boxes of the tail classes in its images (``all_gather`` of small
-    integer tensors); (2) from these, every rank decides the slots of all new entries with the shared
+    rank's frame header, then one row per tail object of its batch (image, class, bounding box), by
+    ``all_gather`` of small integer tensors; (2) from these, every rank decides the slots of all new entries with the shared
     generator, so every rank knows which entries survive the step (an entry that a later one of the same
     step overwrites is never cropped nor sent); (3) each rank crops only its own surviving entries and sends
     them once, as one byte buffer ``broadcast`` from that rank: the pixels in the images' dtype, the masks as
@@ -102,11 +102,12 @@ class TailMemoryBank(Callback):
 
     **Host synchronisation**: once per step, the boxes of the tail classes in the batch (``[B, T, 4]``
     integers, found on the device) are copied to the host (``Tensor.tolist`` in :meth:`update_and_paste`;
-    under DDP the gathered header and boxes instead, two copies). This cannot be avoided: the bank is a
-    host-side list of crops whose sizes are the objects' sizes, and which slots the new entries take depends
-    on which classes the batch holds. Everything else (slot decisions, cropping and resizing the kept boxes,
-    the byte exchange, pasting) runs on host integers and device kernels without another synchronisation;
-    the random decisions are drawn from CPU ``torch.Generator`` s (host values: no device involved).
+    under DDP the gathered header and object rows instead, two copies, one if no rank has a tail object).
+    This cannot be avoided: the bank is a host-side list of crops whose sizes are the objects' sizes, and
+    which slots the new entries take depends on which classes the batch holds. Everything else (slot
+    decisions, cropping and resizing the kept boxes, the byte exchange, pasting) runs on host integers and
+    device kernels without another synchronisation; the random decisions are drawn from CPU
+    ``torch.Generator`` s (host values: no device involved).
 
     **Checkpointing**: the entries (on CPU), the batch counter and the tail classes are in the callback's
     ``state_dict``. Entries are kept on the batch's device during training (moved there once after a resume).
@@ -606,8 +607,9 @@ def _gather_frames(images: Tensor, boxes: Tensor, frame_size: tuple[int, int], w
                          f"convert the batch to one of {[str(d) for d in _DTYPES]} (e.g. float32) before the bank.")
     flat = boxes.flatten(0, 1)  # [B * T, 4]
     found = flat[:, 0] >= 0
-    header = torch.tensor([boxes.shape[0], images.shape[1], _DTYPES.index(images.dtype), *frame_size, 0],
-                          device=images.device)
+    header = torch.zeros(6, dtype=torch.int64, device=images.device)  # filled on the device: no host copy
+    for i, value in enumerate((boxes.shape[0], images.shape[1], _DTYPES.index(images.dtype), *frame_size)):
+        header[i] = value
     header[-1] = found.sum()
     headers = [torch.empty_like(header) for _ in range(world_size)]
     dist.all_gather(headers, header)

@@ -708,3 +708,22 @@ def test_ddp_exchange_sends_only_the_kept_entries_and_builds_the_shared_bank(tmp
     assert sum(len(frames) for frames in steps) == 4 * (4 + 3) and kept[3] == []
     assert sum(map(len, kept)) < sum(int((m == c).any()) for frames in steps for _, _, m in frames for c in TAIL)
     assert any(entry[1].numel() == 0 for step in kept for _, entry in step)  # an empty entry crossed ranks
+
+
+def test_ranks_with_different_channels_or_unsendable_images_are_refused(monkeypatch):
+    """Checked on the gathered header, before any entry is sent (here rank 1's header is faked: 4 channels)."""
+    images, masks = busy_frames(2, 8, 8, seed=0)
+    bank = ready_bank()
+    boxes = bank._boxes(masks, bank._resize((8, 8), images.device))
+
+    def all_gather(outputs, tensor):
+        outputs[0].copy_(tensor)
+        outputs[1].copy_(tensor)
+        outputs[1][1] = 4
+
+    monkeypatch.setattr(memory_bank.dist, "all_gather", all_gather)
+    with pytest.raises(ValueError, match=r"ranks' images differ in channels or dtype \(\[\(3, 'torch.float32'\), "
+                       r"\(4, 'torch.float32'\)\]\).*HINT: give every rank's data loader the same transforms"):
+        memory_bank._gather_frames(images, boxes, (8, 8), world_size=2)
+    with pytest.raises(ValueError, match=r"cannot exchange images of dtype torch.complex64.*HINT: convert the batch"):
+        memory_bank._gather_frames(images.to(torch.complex64), boxes, (8, 8), world_size=2)
