@@ -221,9 +221,11 @@ def free_port() -> int:
 def run(args: Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     cfg = settings(getattr(args, "quick", False))
     cfg["threads"] = max(1, (os.cpu_count() or 2) // 2)
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as out_dir:
         mp.start_processes(worker, args=(2, free_port(), cfg, out_dir), nprocs=2, start_method="spawn")
         ranks = [json.loads(Path(out_dir, f"rank{r}.json").read_text()) for r in range(2)]
+    load_after = os.getloadavg()[0]
     mean = statistics.fmean
     received = mean(mean(r["new_bytes"]) for r in ranks)
     old_received = mean(mean(r["old_bytes"]) for r in ranks)
@@ -254,6 +256,10 @@ def run(args: Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         "labels": "synthetic: 4x4 head-class regions, Poisson(3) tail ellipses of 1/2000-1/20 of the crop, "
                   "Zipf tail classes, 2% ignored",
         "quick": bool(getattr(args, "quick", False)),
+        "load_average_1min": [round(load_before, 1), round(load_after, 1)],
+        "note": "bytes are exact counts; times (bank_seconds, step_time_ratio) are disturbed when the load average "
+                "exceeds the 2 cores (other jobs on the machine) and compare the modes only within the run, "
+                "which alternates them step by step",
     }
     if not setup["banks_identical"]:
         raise RuntimeError("the library's bank and the pickled exchange's bank differ: the exchange is wrong")
