@@ -87,16 +87,30 @@ class TailMemoryBank(Callback):
     training pixels is below ``tail_share / num_classes``. The segmentation task reports head/tail mIoU
     over these classes.
 
-    **DDP: the ranks share one bank.** Every step, the new entries of all ranks are gathered
-    (``all_gather_object``) and every rank applies the same updates in rank order with the same random
-    numbers, so the banks stay identical and the bank sees the whole training stream, not one rank's
-    shard; checkpoints (written by rank 0) therefore hold the complete bank. Pasting uses a per-rank
-    random stream, so ranks paste different entries. Random numbers come from ``seed``, the number of
-    batches seen so far and the rank (for pasting), so a resumed run continues with the same bank and the
-    same random decisions as an uninterrupted one.
+    **DDP: the ranks share one bank.** Every rank applies the same updates, in rank order, with the same
+    random numbers, so the banks stay identical, the bank sees the whole training stream rather than one
+    rank's shard, and checkpoints (written by rank 0) hold the complete bank: it equals the bank one process
+    builds from the ranks' batches concatenated in rank order. Only what the step keeps is exchanged: (1) each
+    rank's frame header, then one row per tail object of its batch (image, class, bounding box), by
+    ``all_gather`` of small integer tensors; (2) from these, every rank decides the slots of all new entries with the shared
+    generator, so every rank knows which entries survive the step (an entry that a later one of the same
+    step overwrites is never cropped nor sent); (3) each rank crops only its own surviving entries and sends
+    them once, as one byte buffer ``broadcast`` from that rank: the pixels in the images' dtype, the masks as
+    bytes. Pasting uses a per-rank random stream, so ranks paste different entries. Random numbers come from
+    ``seed``, the number of batches seen so far and the rank (for pasting), so a resumed run continues with the
+    same bank and the same random decisions as an uninterrupted one.
+
+    **Host synchronisation**: once per step, the boxes of the tail classes in the batch (``[B, T, 4]``
+    integers, found on the device) are copied to the host (``Tensor.tolist`` in :meth:`update_and_paste`;
+    under DDP the gathered header and object rows instead, two copies, one if no rank has a tail object).
+    This cannot be avoided: the bank is a host-side list of crops whose sizes are the objects' sizes, and
+    which slots the new entries take depends on which classes the batch holds. Everything else (slot
+    decisions, cropping and resizing the kept boxes, the byte exchange, pasting) runs on host integers and
+    device kernels without another synchronisation; the random decisions are drawn from CPU
+    ``torch.Generator`` s (host values: no device involved).
 
     **Checkpointing**: the entries (on CPU), the batch counter and the tail classes are in the callback's
-    ``state_dict``. Entries are kept on the batch's device during training.
+    ``state_dict``. Entries are kept on the batch's device during training (moved there once after a resume).
 
     The batch must be ``(images, masks, ...)`` (tuple or list) or a dict holding them under ``image_key`` and
     ``mask_key``: images float ``[B, C, H, W]`` and masks integer ``[B, H, W]``; both are modified in place.
@@ -181,6 +195,9 @@ class TailMemoryBank(Callback):
             self.tail_classes = validate_tail_classes(tail_classes, num_classes)
         self.entries: dict[int, list[Entry]] = {}
         self.batches_seen = 0
+        self._entries_device: Optional[torch.device] = None
+        self._resizes: dict[tuple[tuple[int, ...], torch.device], _FrameResize] = {}
+        self._tail_index: dict[torch.device, Tensor] = {}
 
     @property
     def state_key(self) -> str:
@@ -220,6 +237,7 @@ class TailMemoryBank(Callback):
         if self.ignore_index is not None and self.ignore_index in tail:
             raise ValueError(f"The ignore index {self.ignore_index} cannot be a tail class (tail classes: {tail}).")
         self.tail_classes = tail
+        self._tail_index = {}
         self.entries = {c: self.entries.get(c, []) for c in tail}
         rank_zero_info(f"TailMemoryBank: {len(tail)} tail classes {tail}")
 
@@ -232,8 +250,11 @@ class TailMemoryBank(Callback):
 
     @torch.no_grad()
     def update_and_paste(self, images: Tensor, masks: Tensor, world_size: int = 1, rank: int = 0) -> None:
-        """Update the bank with the batch (gathering all ranks' entries when ``world_size > 1``), then paste
-        absent tail classes into ``images`` / ``masks`` in place."""
+        """Update the bank with the batch (with every rank's batch when ``world_size > 1``), then paste absent
+        tail classes into ``images`` / ``masks`` in place.
+
+        The one host synchronisation of the step is the copy of the boxes of the batch's tail classes to the
+        host (see the class's docstring)."""
         if self.tail_classes is None or self.num_classes is None:
             raise RuntimeError("TailMemoryBank is not set up: add it to the Trainer's callbacks, or pass "
                                "`tail_classes` and `num_classes` to use `update_and_paste` outside a Trainer.")
@@ -242,49 +263,103 @@ class TailMemoryBank(Callback):
                 f"TailMemoryBank expects images [B, C, H, W] and masks [B, H, W] of the same size, got "
                 f"{tuple(images.shape)} and {tuple(masks.shape)}"
             )
-        present = self._presence(masks)  # [B, T] bool
-        new_entries = self._extract(images, masks, present)
-        if world_size > 1 and dist.is_available() and dist.is_initialized():
-            new_entries = _gather_entries(new_entries, images.device, world_size)
-        step_seed = self.seed * 1_000_003 + self.batches_seen
-        self._update(new_entries, torch.Generator().manual_seed(step_seed))
-        self._paste(images, masks, present, torch.Generator().manual_seed(step_seed * 7919 + 104_729 * (rank + 1)))
+        self._move_entries(images.device)
+        resize = self._resize(masks.shape[-2:], images.device)
+        boxes = self._boxes(masks, resize)
+        distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+        if distributed:
+            frames = _gather_frames(images, boxes, resize.out_size, world_size)
+        else:  # the step's host synchronisation
+            objects = [(b, t, box) for b, row in enumerate(boxes.tolist()) for t, box in enumerate(row) if box[0] >= 0]
+            frames = [_Frames(objects, images.shape[0], images.shape[1], images.dtype, resize.out_size)]
+        # the step's new entries in rank, image, tail-class order: (source rank, image, tail index, box)
+        new = [(r, b, t, box) for r, frame in enumerate(frames) for b, t, box in frame.objects]
+        update_generator, paste_generator = self._generators(rank)
+        kept = self._plan([self.tail_classes[t] for _, _, t, _ in new], update_generator)
+        survivors = sorted(set(kept.values()))
+        made: dict[int, Entry] = {}
+        for i in survivors:  # only this rank's objects that the step keeps are cropped
+            source, b, t, box = new[i]
+            if source == rank:
+                made[i] = resize.entry(images[b], masks[b], self.tail_classes[t], box)
+        if distributed:
+            made = _share_entries(made, [(i, new[i][0], new[i][3]) for i in survivors], frames, rank, images.device)
+        self._store(kept, made)
+        self._paste(images, masks, frames[rank].absent(len(self.tail_classes)), paste_generator)
         self.batches_seen += 1
 
-    def _presence(self, masks: Tensor) -> Tensor:
-        tail = torch.tensor(self.tail_classes, device=masks.device)
-        flat = masks.reshape(masks.shape[0], -1)
-        hits = torch.zeros(masks.shape[0], self.num_classes + 1, dtype=torch.bool, device=masks.device)
-        valid = (flat >= 0) & (flat < self.num_classes)
-        hits.scatter_(1, torch.where(valid, flat, self.num_classes).long(), True)
-        return hits[:, tail].cpu()
+    def _generators(self, rank: int) -> tuple[torch.Generator, torch.Generator]:
+        """The step's generators: of the update (the same on every rank) and of the pasting (per rank)."""
+        step_seed = self.seed * 1_000_003 + self.batches_seen
+        return (torch.Generator().manual_seed(step_seed),
+                torch.Generator().manual_seed(step_seed * 7919 + 104_729 * (rank + 1)))
 
-    def _extract(self, images: Tensor, masks: Tensor, present: Tensor) -> list[tuple[int, Entry]]:
-        """One entry per (image, present tail class), in image order then tail-class order."""
-        if not present.any():
-            return []
-        resize = _FrameResize(masks.shape[-2:], self.p_resize, images.device)
-        return [
-            (self.tail_classes[t], resize.entry(images[b], masks[b] == self.tail_classes[t]))
-            for b, t in present.nonzero().tolist()
-        ]
+    def _move_entries(self, device: torch.device) -> None:
+        """Entries live on the batch's device; those restored from a checkpoint (CPU) move there once."""
+        if self._entries_device != device:
+            self.entries = {c: [entry.to(device) for entry in slots] for c, slots in self.entries.items()}
+            self._entries_device = device
 
-    def _update(self, new_entries: list[tuple[int, Entry]], generator: torch.Generator) -> None:
-        for c, entry in new_entries:
-            slots = self.entries.setdefault(c, [])
-            if len(slots) < self.memory_size:
-                slots.append(entry)
+    def _resize(self, size: Sequence[int], device: torch.device) -> _FrameResize:
+        key = (tuple(size), device)
+        if key not in self._resizes:
+            if len(self._resizes) >= 16:  # batches of ever new sizes: keep the cache small
+                self._resizes.clear()
+            self._resizes[key] = _FrameResize(size, self.p_resize, device)
+        return self._resizes[key]
+
+    def _boxes(self, masks: Tensor, resize: _FrameResize) -> Tensor:
+        """``[B, T, 4]`` int32 ``(top, left, bottom, right)`` of each tail class's pixels in each resized frame:
+        ``-1`` where the class is absent, ``0`` where only the resize dropped its pixels (an empty entry). On the
+        masks' device, without host synchronisation."""
+        device = masks.device
+        if device not in self._tail_index:  # built once per device: a host-to-device copy at every step would sync
+            self._tail_index[device] = torch.tensor(self.tail_classes, device=device)
+        tail = self._tail_index[device]
+        labels = _class_index(resize.labels(masks), self.num_classes)
+        row_hits = _hits(labels, self.num_classes)[..., tail]  # [B, h, T]: class t in row y
+        col_hits = _hits(labels.transpose(1, 2), self.num_classes)[..., tail]  # [B, w, T]
+        (top, bottom), (left, right) = _span(row_hits), _span(col_hits)
+        if resize.identity:
+            present = row_hits.any(dim=1)
+        else:  # present before the resize: an object that the resize drops is an empty entry
+            present = _hits(_class_index(masks, self.num_classes).flatten(1)[:, None], self.num_classes)[:, 0, tail]
+        box = torch.stack([top, left, bottom, right], dim=-1)
+        return torch.where(present[..., None], box, -1).to(torch.int32)
+
+    def _plan(self, classes: list[int], generator: torch.Generator) -> dict[tuple[int, int], int]:
+        """Where the step's new entries of classes ``classes`` end up: ``{(class, slot): i}``, ``i`` the index in
+        ``classes`` of the last entry written to that slot. Entries are written in order: appended while their
+        class has fewer than ``memory_size``, else into a uniformly random slot (one draw each), so a later
+        entry can overwrite an earlier one of the same step."""
+        filled = {c: len(self.entries.get(c, [])) for c in set(classes)}
+        kept: dict[tuple[int, int], int] = {}
+        for i, c in enumerate(classes):
+            if filled[c] < self.memory_size:
+                slot = filled[c]
+                filled[c] += 1
             else:
-                slots[_randint(0, self.memory_size - 1, generator)] = entry
+                slot = _randint(0, self.memory_size - 1, generator)
+            kept[(c, slot)] = i
+        return kept
 
-    def _paste(self, images: Tensor, masks: Tensor, present: Tensor, generator: torch.Generator) -> None:
+    def _store(self, kept: dict[tuple[int, int], int], made: dict[int, Entry]) -> None:
+        """Write the entries ``made[i]`` into the slots that :meth:`_plan` gave them."""
+        for (c, slot), i in sorted(kept.items()):
+            slots = self.entries.setdefault(c, [])
+            if slot < len(slots):
+                slots[slot] = made[i]
+            else:  # planned slots of a class that is not full follow its last one
+                slots.append(made[i])
+
+    def _paste(self, images: Tensor, masks: Tensor, absent: list[list[int]], generator: torch.Generator) -> None:
+        """Paste into each image ``b`` entries of the tail classes ``absent[b]`` (indices into ``tail_classes``)."""
         height, width = masks.shape[-2:]
-        for b in range(images.shape[0]):
-            absent = [c for t, c in enumerate(self.tail_classes) if not present[b, t]]
-            if not absent:
+        for b, missing in enumerate(absent):
+            if not missing:
                 continue
-            for i in _sample(len(absent), math.ceil(len(absent) * self.p_sample), generator):
-                c = absent[i]
+            for i in _sample(len(missing), math.ceil(len(missing) * self.p_sample), generator):
+                c = self.tail_classes[missing[i]]
                 slots = self.entries.get(c)
                 if not slots:
                     continue
@@ -329,6 +404,7 @@ class TailMemoryBank(Callback):
                 )
             entries = {c: entries.get(c, [])[: self.memory_size] for c in self.tail_classes}
         self.entries = entries
+        self._entries_device = None
 
     def num_entries(self) -> dict[int, int]:
         """Stored entries per tail class."""
@@ -353,19 +429,28 @@ class _FrameResize:
             self.nearest = [_nearest_index(o, i, device) for o, i in zip(self.out_size, self.in_size)]
             self.linear = [_linear_taps(o, i, device) for o, i in zip(self.out_size, self.in_size)]
 
-    def entry(self, image: Tensor, region: Tensor) -> Entry:
-        """The entry of one class (``region``, boolean ``[H, W]``) of one ``image`` ``[C, H, W]``."""
-        if not self.identity:
-            rows, cols = self.nearest
-            region = region[rows][:, cols]
-        row_hits, col_hits = region.any(dim=1).nonzero(), region.any(dim=0).nonzero()
-        if len(row_hits) == 0:  # the resize dropped every pixel of the object: an empty entry
-            return Entry(image.new_zeros(image.shape[0], 0, 0), region.new_zeros(0, 0), 0, 0, *self.out_size)
-        top, bottom = int(row_hits[0]), int(row_hits[-1]) + 1
-        left, right = int(col_hits[0]), int(col_hits[-1]) + 1
+    def labels(self, masks: Tensor) -> Tensor:
+        """The label frames ``[B, H, W]`` resized (nearest), ``[B, h', w']``."""
         if self.identity:
+            return masks
+        rows, cols = self.nearest
+        return masks[:, rows][:, :, cols]
+
+    def entry(self, image: Tensor, mask: Tensor, label: int, box: Sequence[int]) -> Entry:
+        """The entry of class ``label`` of one ``image`` ``[C, H, W]`` with label frame ``mask`` ``[H, W]``, whose
+        pixels cover ``box = (top, left, bottom, right)`` of the resized frame (``bottom <= top``: none).
+
+        The box's corners are host integers (from ``TailMemoryBank._boxes``): the crop's size depends on the
+        object, so it is sliced with host values rather than found on the device here."""
+        top, left, bottom, right = box
+        if bottom <= top:  # the resize dropped every pixel of the object: an empty entry
+            return Entry(image.new_zeros(image.shape[0], 0, 0), mask.new_zeros(0, 0, dtype=torch.bool), 0, 0, *self.out_size)
+        if self.identity:
+            region = mask[top:bottom, left:right] == label
             pixels = image[:, top:bottom, left:right].clone()
         else:
+            rows, cols = self.nearest
+            region = mask[rows[top:bottom]][:, cols[left:right]] == label
             (y0, y1, wy), (x0, x1, wx) = (
                 tuple(t[a:z] for t in taps) for taps, a, z in zip(self.linear, (top, left), (bottom, right))
             )
@@ -375,7 +460,26 @@ class _FrameResize:
             near = near[:, :, x0] * (1 - wx) + near[:, :, x1] * wx
             far = far[:, :, x0] * (1 - wx) + far[:, :, x1] * wx
             pixels = (near * (1 - wy)[:, None] + far * wy[:, None]).to(image.dtype)
-        return Entry(pixels, region[top:bottom, left:right].clone(), top, left, *self.out_size)
+        return Entry(pixels, region, top, left, *self.out_size)
+
+
+def _class_index(labels: Tensor, num_classes: int) -> Tensor:
+    """Labels as ``int64`` indices, anything outside ``[0, num_classes)`` (ignored pixels) as ``num_classes``."""
+    return torch.where((labels >= 0) & (labels < num_classes), labels, num_classes).long()
+
+
+def _hits(labels: Tensor, num_classes: int) -> Tensor:
+    """``hits[b, n, k]``: class ``k`` occurs in ``labels[b, n, :]``, for class indices ``[B, N, M]``: ``[B, N, K + 1]``."""
+    hits = torch.zeros(*labels.shape[:2], num_classes + 1, dtype=torch.bool, device=labels.device)
+    return hits.scatter_(2, labels, True)
+
+
+def _span(hits: Tensor) -> tuple[Tensor, Tensor]:
+    """First and one-past-last index along dim 1 of the ``True`` values of ``hits`` ``[B, N, T]`` (0, 0 where none)."""
+    found, as_int = hits.any(dim=1), hits.to(torch.uint8)
+    first = as_int.argmax(dim=1)  # the first maximum
+    end = hits.shape[1] - as_int.flip(1).argmax(dim=1)
+    return first * found, end * found
 
 
 def _nearest_index(out_size: int, in_size: int, device: torch.device) -> Tensor:
@@ -464,8 +568,108 @@ def _first_attr(name: str, *objects: Any) -> Any:
     return None
 
 
-def _gather_entries(entries: list[tuple[int, Entry]], device: torch.device, world_size: int) -> list[tuple[int, Entry]]:
-    """All ranks' new entries, in rank order, on ``device``."""
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, [(c, entry.to("cpu")) for c, entry in entries])
-    return [(c, entry.to(device)) for part in gathered for c, entry in part]
+class _Frames(NamedTuple):
+    """One rank's step as every rank sees it: the tail objects ``(image, tail index, box)`` in image, then
+    tail-class order (host integers, see ``TailMemoryBank._boxes``), the batch size, the images' channels and
+    dtype, and the resized frame size."""
+
+    objects: list[tuple[int, int, list[int]]]
+    batch_size: int
+    channels: int
+    dtype: torch.dtype
+    frame_size: tuple[int, int]
+
+    def absent(self, num_tail: int) -> list[list[int]]:
+        """Per image, the tail indices it lacks."""
+        present = [set() for _ in range(self.batch_size)]
+        for b, t, _ in self.objects:
+            present[b].add(t)
+        return [[t for t in range(num_tail) if t not in held] for held in present]
+
+    def entry_bytes(self, box: Sequence[int]) -> tuple[int, int]:
+        """Bytes of the pixels and of the mask of the entry of ``box``."""
+        area = max(0, box[2] - box[0]) * max(0, box[3] - box[1])
+        return area * self.channels * self.dtype.itemsize, area
+
+
+#: Image dtypes the DDP exchange can send, by the code it sends for them.
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int16,
+           torch.int32, torch.int64)
+
+
+def _gather_frames(images: Tensor, boxes: Tensor, frame_size: tuple[int, int], world_size: int) -> list[_Frames]:
+    """Every rank's :class:`_Frames`, in rank order, from two ``all_gather`` s of small integer tensors, each
+    copied to the host (the step's synchronisations under DDP): a header (batch size, channels, dtype, frame
+    size, number of tail objects), then the tail objects' rows ``(b * T + t, box)``, moved to the front by a
+    stable sort on the device and cut to the largest number of objects of a rank."""
+    if images.dtype not in _DTYPES:
+        raise ValueError(f"TailMemoryBank cannot exchange images of dtype {images.dtype} between ranks. HINT: "
+                         f"convert the batch to one of {[str(d) for d in _DTYPES]} (e.g. float32) before the bank.")
+    flat = boxes.flatten(0, 1)  # [B * T, 4]
+    found = flat[:, 0] >= 0
+    header = torch.zeros(6, dtype=torch.int64, device=images.device)  # filled on the device: no host copy
+    for i, value in enumerate((boxes.shape[0], images.shape[1], _DTYPES.index(images.dtype), *frame_size)):
+        header[i] = value
+    header[-1] = found.sum()
+    headers = [torch.empty_like(header) for _ in range(world_size)]
+    dist.all_gather(headers, header)
+    headers = torch.stack(headers).tolist()
+    if len({(channels, dtype) for _, channels, dtype, _, _, _ in headers}) > 1:
+        raise ValueError(
+            "TailMemoryBank: the ranks' images differ in channels or dtype "
+            f"({[(channels, str(_DTYPES[dtype])) for _, channels, dtype, _, _, _ in headers]}), so entries of one "
+            "rank cannot be pasted into another's images. HINT: give every rank's data loader the same transforms."
+        )
+    first = torch.argsort((~found).to(torch.uint8), stable=True)  # the objects first, in their order
+    rows = torch.cat([first[:, None].to(boxes.dtype), flat[first]], dim=1)
+    most = max(h[-1] for h in headers)
+    if most == 0:  # no tail object on any rank
+        return [_Frames([], size, channels, _DTYPES[dtype], (height, width))
+                for size, channels, dtype, height, width, _ in headers]
+    padded = rows.new_full((most, 5), -1)
+    padded[: min(most, len(rows))] = rows[:most]
+    gathered = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(gathered, padded)
+    every = torch.stack(gathered).tolist()
+    num_tail = boxes.shape[1]
+    return [
+        _Frames([(i // num_tail, i % num_tail, box) for i, *box in every[r][:count]], size, channels, _DTYPES[dtype],
+                (height, width))
+        for r, (size, channels, dtype, height, width, count) in enumerate(headers)
+    ]
+
+
+def _share_entries(made: dict[int, Entry], kept: list[tuple[int, int, list[int]]], frames: list[_Frames], rank: int,
+                   device: torch.device) -> dict[int, Entry]:
+    """Every kept entry on every rank: ``kept`` lists ``(i, source rank, box)`` of the step's kept entries, in
+    the same order on every rank, ``made`` this rank's own ones. Each rank sends its kept entries once, as one
+    uint8 buffer ``broadcast`` from it: the pixels' bytes (the images' dtype), then the masks' bytes. Every
+    rank knows every buffer's layout from the boxes, so nothing else is sent and the bytes are read back
+    without a host synchronisation."""
+    entries = dict(made)
+    for source, frame in enumerate(frames):
+        items = [(i, box) for i, r, box in kept if r == source and box[2] > box[0]]
+        if source != rank:  # objects that the resize dropped: empty entries, nothing to send
+            entries.update({i: Entry(torch.empty(frame.channels, 0, 0, dtype=frame.dtype, device=device),
+                                     torch.empty(0, 0, dtype=torch.bool, device=device), 0, 0, *frame.frame_size)
+                            for i, r, box in kept if r == source and box[2] <= box[0]})
+        if not items:  # every rank skips it: they all know the boxes
+            continue
+        sizes = [frame.entry_bytes(box) for _, box in items]
+        pixel_bytes = sum(size for size, _ in sizes)
+        if source == rank:
+            buffer = torch.cat([torch.cat([made[i].pixels.reshape(-1) for i, _ in items]).view(torch.uint8),
+                                torch.cat([made[i].mask.reshape(-1) for i, _ in items]).view(torch.uint8)])
+        else:
+            buffer = torch.empty(pixel_bytes + sum(area for _, area in sizes), dtype=torch.uint8, device=device)
+        dist.broadcast(buffer, src=source)
+        if source == rank:
+            continue
+        pixels, masks = buffer[:pixel_bytes].view(frame.dtype), buffer[pixel_bytes:].view(torch.bool)
+        pixel_at = mask_at = 0
+        for (i, (top, left, bottom, right)), (size, area) in zip(items, sizes):
+            count, shape = size // frame.dtype.itemsize, (bottom - top, right - left)
+            entries[i] = Entry(pixels[pixel_at : pixel_at + count].view(frame.channels, *shape).clone(),
+                               masks[mask_at : mask_at + area].view(shape).clone(), top, left, *frame.frame_size)
+            pixel_at, mask_at = pixel_at + count, mask_at + area
+    return entries

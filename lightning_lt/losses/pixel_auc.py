@@ -3,7 +3,8 @@
 Every pair of pixels ``(p, q)`` with ``p`` in class ``i`` and ``q`` in another class contributes a
 surrogate ``ell(s_i(p) - s_i(q))`` of the pairwise ranking error of class ``i``'s sigmoid score. The
 pair means expand into per-class moments of the scores, so the loss costs ``O(pixels x classes)``
-time and memory: no pixel pair is ever formed and there is no Python loop over classes.
+time and memory: no pixel pair is ever formed and there is no Python loop over classes. Nor is
+there a host synchronisation: nothing is copied to the host and no tensor is sized by the data.
 """
 
 from __future__ import annotations
@@ -68,17 +69,41 @@ def _check_inputs(logits: Tensor, target: Tensor, ignore_index: Optional[int], o
             f"{owner} expects `target` of shape [pixels] = [{logits.shape[0]}] for `logits` of shape "
             f"{tuple(logits.shape)}, got shape {tuple(target.shape)}."
         )
+    _check_target_values(target, num_classes, ignore_index, owner)
+
+
+#: Devices whose ``torch._assert_async`` checks without blocking the host (CUDA) or at once (CPU).
+_ASYNC_ASSERT_DEVICES = ("cpu", "cuda")
+
+
+def _check_target_values(target: Tensor, num_classes: int, ignore_index: Optional[int], owner: str) -> None:
+    """Refuse target values outside ``[0, num_classes)`` that are not ``ignore_index``, without a host
+    synchronisation.
+
+    The check is ``torch._assert_async``: on the CPU it fails at once and the ``ValueError`` names the values;
+    on CUDA it is a device-side assertion that never blocks the host, so a bad label stops the run at the next
+    synchronisation with CUDA's "device-side assert triggered" (as PyTorch's own cross-entropy does; run the
+    batch on the CPU, or with ``CUDA_LAUNCH_BLOCKING=1``, to see this message). Other devices check on the host.
+    """
     bad = (target < 0) | (target >= num_classes)
     if ignore_index is not None:
         bad &= target != ignore_index
-    if bad.any():
-        values = torch.unique(target[bad]).tolist()
-        shown = ", ".join(str(v) for v in values[:5]) + (f" (and {len(values) - 5} more)" if len(values) > 5 else "")
-        raise ValueError(
-            f"{owner} got target value(s) {shown} outside [0, {num_classes}) for {num_classes} classes, and "
-            f"`ignore_index` is {ignore_index}. HINT: if these label unlabelled pixels, set `ignore_index` to that "
-            "value (e.g. 255); otherwise the logits have too few channels."
-        )
+    hint = (
+        f"outside [0, {num_classes}) for {num_classes} classes, and `ignore_index` is {ignore_index}. HINT: if "
+        "these label unlabelled pixels, set `ignore_index` to that value (e.g. 255); otherwise the logits have "
+        "too few channels."
+    )
+    if target.device.type in _ASYNC_ASSERT_DEVICES:
+        try:
+            torch._assert_async(~bad.any(), f"{owner} got target values {hint}")
+            return
+        except RuntimeError:  # CPU tensors: checked at once; name the values below
+            pass
+    elif not bad.any():
+        return
+    values = torch.unique(target[bad]).tolist()
+    shown = ", ".join(str(v) for v in values[:5]) + (f" (and {len(values) - 5} more)" if len(values) > 5 else "")
+    raise ValueError(f"{owner} got target value(s) {shown} {hint}")
 
 
 def check_resizable_logits(logits: Tensor, target: Tensor, owner: str) -> None:
@@ -148,7 +173,8 @@ def pixel_auc_loss(
     Raises:
         ValueError: if ``gamma <= 0``, ``transform``/``surrogate`` is unknown, ``surrogate="hinge"`` with
             ``gamma < 1``, on bad shapes or dtypes (logits whose aspect ratio differs from the target's, e.g.
-            channels-last), or on a target value outside ``[0, C)`` that is not ``ignore_index``.
+            channels-last), or on a target value outside ``[0, C)`` that is not ``ignore_index`` (on CUDA a
+            device-side assertion instead, so that the loss never blocks the host; see ``_check_target_values``).
 
     Example:
         >>> logits = torch.tensor([[0.0, 0.0], [1.0986, 0.0], [0.0, 1.0986]])  # sigmoid(1.0986) = 0.75
@@ -190,7 +216,9 @@ def _pixel_auc(
         """``sums[i] = sum_{p in class i} values(p)`` for per-pixel ``values [B, P_b]``: ``[C]``."""
         return values.new_zeros(num_classes + 1).index_add_(0, labels.flatten(), values.flatten())[:num_classes]
 
-    counts = torch.bincount(labels.flatten(), minlength=num_classes + 1)[:num_classes].to(dtype)  # N_j
+    flat_labels = labels.flatten()  # N_j, counted in int64 (exact) by index_add_, not bincount (its size syncs)
+    counts = torch.zeros(num_classes + 1, dtype=torch.long, device=labels.device)
+    counts = counts.index_add_(0, flat_labels, torch.ones_like(flat_labels))[:num_classes].to(dtype)
     present = counts > 0
     num_present = present.sum().to(dtype)  # K
     safe_counts = counts.clamp_min(1)  # absent classes give finite values that are masked out below
@@ -262,7 +290,7 @@ class PixelAUCLoss(nn.Module):
         ValueError: if ``gamma <= 0``, ``transform`` or ``surrogate`` is unknown, or ``surrogate="hinge"``
             with ``gamma < 1``; in ``forward`` on bad shapes (logits whose aspect ratio differs from the
             target's, e.g. channels-last ``[B, H, W, C]``) or a target value outside ``[0, C)`` that is not
-            ``ignore_index``.
+            ``ignore_index`` (on CUDA a device-side assertion, as in :func:`pixel_auc_loss`).
 
     Example:
         >>> loss = PixelAUCLoss(ignore_index=255)

@@ -288,11 +288,18 @@ class SegmentationModule(TaskModule):
         return self._to_label_size(out, masks), None if aux is None else self._to_label_size(aux, masks)
 
     def _cross_entropy(self, logits: Tensor, masks: Tensor) -> Tensor:
+        """Mean cross-entropy over the labelled pixels, ``sum_p w_{y_p} CE_p / sum_p w_{y_p}`` (``w = 1`` without
+        class weights), as ``F.cross_entropy``'s mean, but 0 (still in the graph) when no pixel is labelled, where
+        that mean is ``nan``; the division is guarded on the device, without a host synchronisation."""
         ignore = -100 if self.ignore_index is None else self.ignore_index
         weight = self.ce_weight.to(logits.dtype) if self.ce_weight.numel() else None
-        if (masks != ignore).any():
-            return F.cross_entropy(logits, masks, weight=weight, ignore_index=ignore)
-        return logits.sum() * 0.0  # every pixel unlabelled: no signal (cross_entropy would return nan)
+        total = F.cross_entropy(logits, masks, weight=weight, ignore_index=ignore, reduction="sum")
+        labelled = masks != ignore
+        if weight is None:
+            norm = labelled.sum()
+        else:
+            norm = (weight[torch.where(labelled, masks, 0)] * labelled).sum()
+        return total / torch.where(norm > 0, norm, 1)  # no labelled pixel: total is 0, with zero gradients
 
     def compute_losses(self, logits: Tensor, masks: Tensor, aux_logits: Optional[Tensor] = None) -> dict[str, Tensor]:
         """``{"loss", "loss_ce"[, "loss_auc"][, "loss_aux"]}`` for logits at label resolution."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from pathlib import Path
@@ -9,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
+import lightning_lt.callbacks.memory_bank as memory_bank
 from lightning_lt.callbacks import TailMemoryBank
 from lightning_lt.tasks import SegmentationModule
 from tests.helpers import DDP_STRATEGY
+from tests.host_syncs import HostSyncCounter
 from tests.tasks.seg_toy import IGNORE, NUM_CLASSES, TAIL, ToySegData, TinySegNet, toy_segmentation
 
 pytestmark = pytest.mark.filterwarnings(
@@ -460,3 +464,266 @@ def test_docstring_example():
     from lightning_lt.callbacks import memory_bank
 
     assert doctest.testmod(memory_bank, raise_on_error=True).attempted > 0
+
+
+# ------------------------------------------------------------- kept entries, the DDP exchange, host syncs
+
+
+def busy_frames(n: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images ``[3, H, W]`` and masks of head classes 0 / 1 holding ragged rectangles of both tail classes
+    (so a batch brings more entries of a class than a small bank keeps), ignored pixels, and, in every fourth
+    image, tail class 3 as one pixel at (1, 1) alone, which a resize by 0.5 drops (an empty entry)."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(n, 3, height, width, generator=g)
+    masks = torch.randint(0, 2, (n, height, width), generator=g)
+    for i in range(n):
+        for c in TAIL:
+            if i % 4 == 3 and c == 3:
+                masks[i, 1, 1] = 3
+            elif float(torch.rand(1, generator=g)) < 0.8:
+                h, w = (int(torch.randint(1, s // 2, (1,), generator=g)) for s in (height, width))
+                top, left = int(torch.randint(0, height - h, (1,), generator=g)), int(torch.randint(0, width - w, (1,), generator=g))
+                masks[i, top : top + h, left : left + w] = c
+        masks[i][(masks[i] > 1) & (torch.rand(height, width, generator=g) < 0.2)] = 1  # ragged objects
+    masks[torch.rand(n, height, width, generator=g) < 0.05] = IGNORE
+    return images, masks
+
+
+def entries_written_in_order(steps, memory_size: int, p_resize: float, plan_seeds: list[int]):
+    """The bank as the earlier implementation built it, independently of the library's code: every new entry of a
+    step made (frames in order, then tail classes in order) and written in turn, appended while its class has
+    fewer than ``memory_size`` entries, else into the slot the step's update generator draws.
+
+    ``steps``: per step, the frames ``(source rank, image, mask)`` in update order. Returns the bank
+    ``{class: [(pixels, mask, top, left, frame height, frame width)]}`` and, per step, the ``(source rank, entry)``
+    of the entries that the step leaves in the bank."""
+    bank: dict = {c: [] for c in TAIL}
+    kept_per_step = []
+    for frames, seed in zip(steps, plan_seeds):
+        generator = torch.Generator().manual_seed(seed)
+        written = {}
+        for source, image, mask in frames:
+            frame_image, frame_mask = resized_frame(image, mask, p_resize) if p_resize != 1 else (image, mask)
+            for c in TAIL:
+                if not (mask == c).any():
+                    continue
+                hit = frame_mask == c
+                if hit.any():
+                    rows, cols = hit.nonzero().unbind(1)
+                    top, left, bottom, right = int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
+                    entry = (frame_image[:, top:bottom, left:right], hit[top:bottom, left:right], top, left)
+                else:
+                    entry = (image.new_zeros(3, 0, 0), torch.zeros(0, 0, dtype=torch.bool), 0, 0)
+                entry += tuple(frame_mask.shape)
+                slots = bank[c]
+                if len(slots) < memory_size:
+                    slots.append(entry)
+                    written[(c, len(slots) - 1)] = (source, entry)
+                else:
+                    slot = memory_bank._randint(0, memory_size - 1, generator)
+                    slots[slot] = entry
+                    written[(c, slot)] = (source, entry)
+        kept_per_step.append(list(written.values()))
+    return bank, kept_per_step
+
+
+def assert_bank_equals(entries: dict, expected: dict) -> None:
+    """``entries``: the callback's state (``{class: [[pixels, mask, top, left, height, width]]}``)."""
+    assert set(entries) == set(expected)
+    for c in expected:
+        assert len(entries[c]) == len(expected[c]), c
+        for got, want in zip(entries[c], expected[c]):
+            assert list(got[2:]) == list(want[2:])
+            assert torch.equal(got[1], want[1])
+            torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def plan_seeds(monkeypatch):
+    """The seeds of the update generators the bank plans its slots with, one per step."""
+    seeds: list[int] = []
+    plan = TailMemoryBank._plan
+
+    def recording_plan(self, classes, generator):
+        seeds.append(generator.initial_seed())
+        return plan(self, classes, generator)
+
+    monkeypatch.setattr(TailMemoryBank, "_plan", recording_plan)
+    return seeds
+
+
+@pytest.mark.parametrize("p_resize", [1.0, 0.5])
+def test_only_the_kept_entries_are_made_and_the_bank_is_as_if_every_entry_were_written(plan_seeds, p_resize):
+    """Slots are decided first and only the entries that survive the step are cropped; the bank is the one the
+    earlier implementation (every entry made and written in turn) builds, entry for entry."""
+    bank = ready_bank(memory_size=2, p_resize=p_resize, seed=4)
+    made = []
+    entry = memory_bank._FrameResize.entry
+
+    def counting_entry(self, *args):
+        made.append(args[2])
+        return entry(self, *args)
+
+    steps = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(memory_bank._FrameResize, "entry", counting_entry)
+        for step in range(4):
+            images, masks = busy_frames(6, 16, 14, seed=step)
+            steps.append([(0, image.clone(), mask.clone()) for image, mask in zip(images, masks)])
+            bank.update_and_paste(images, masks)
+    expected, kept = entries_written_in_order(steps, 2, p_resize, plan_seeds)
+    assert_bank_equals(bank.state_dict()["entries"], expected)
+    new_entries = sum(int((mask == c).any()) for frames in steps for _, _, mask in frames for c in TAIL)
+    assert len(made) == sum(map(len, kept)) < new_entries  # overwritten within their step: never cropped
+    if p_resize != 1:
+        assert any(entry[1].numel() == 0 for step in kept for _, entry in step)  # dropped by the resize
+
+
+def sync_sites(calls) -> list[tuple[str, str]]:
+    """``(what, function)`` of host syncs recorded in memory_bank.py, leaving out the conversions of the random
+    draws in ``_randint`` / ``_sample`` (CPU generators: host values, no device involved)."""
+    tree = ast.parse(Path(memory_bank.__file__).read_text())
+    spans = [(node.lineno, node.end_lineno, node.name) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+    sites = []
+    for what, where in calls:
+        path, line = where.rsplit(":", 1)
+        assert Path(path) == Path(memory_bank.__file__).resolve(), f"{what} at {where}"
+        name = max((s for s in spans if s[0] <= int(line) <= s[1]), key=lambda s: s[0])[2]
+        if name not in ("_randint", "_sample"):
+            sites.append((what, name))
+    return sites
+
+
+@pytest.mark.parametrize("p_resize", [1.0, 0.4])
+def test_one_host_sync_per_step_the_copy_of_the_boxes(p_resize):
+    """The boxes of the batch's tail classes come to the host once per step; finding them, cropping the kept
+    entries and pasting use host integers and device kernels only."""
+    bank = ready_bank(memory_size=2, p_resize=p_resize, p_sample=0.5)
+    for step in range(3):
+        images, masks = busy_frames(4, 20, 20, seed=step)
+        with HostSyncCounter() as syncs:
+            bank.update_and_paste(images, masks)
+        assert sync_sites(syncs.calls) == [("Tensor.tolist", "update_and_paste")], syncs.report()
+    assert bank.num_entries() == {2: 2, 3: 2}
+
+
+def test_entries_restored_on_the_cpu_move_to_the_batch_device_once():
+    bank = ready_bank(tail_classes=[2])
+    bank.update_and_paste(*two_image_batch())
+    restored = ready_bank(tail_classes=[2])
+    restored.load_state_dict(bank.state_dict())
+    moved = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(memory_bank.Entry, "to", lambda entry, device: moved.append(device) or entry)
+        for _ in range(2):
+            restored.update_and_paste(*two_image_batch())
+    assert moved == [torch.device("cpu")]
+
+
+class ExchangeRecorder(TailMemoryBank):
+    """Records, per step and rank: the batch before the bank, the update generator's seed, the bytes the rank
+    receives by ``broadcast`` and the host syncs; forbids ``all_gather_object``; saves it all at the end."""
+
+    def __init__(self, out_dir: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_dir = out_dir
+        self.record: dict = {"inputs": [], "seeds": [], "received": [], "syncs": []}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch.distributed as dist
+
+        self.record["inputs"].append((batch[0].clone(), batch[1].clone()))
+        received = []
+        broadcast = dist.broadcast
+
+        def counting_broadcast(tensor, src, *args, **kwargs):
+            if src != trainer.global_rank:
+                received.append(tensor.numel() * tensor.element_size())
+            return broadcast(tensor, src, *args, **kwargs)
+
+        def forbidden(*args, **kwargs):
+            raise AssertionError("the bank pickles objects (all_gather_object)")
+
+        with pytest.MonkeyPatch.context() as patch, HostSyncCounter() as syncs:
+            patch.setattr(dist, "broadcast", counting_broadcast)
+            patch.setattr(dist, "all_gather_object", forbidden)
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        self.record["received"].append(sum(received))
+        self.record["syncs"].append(sync_sites(syncs.calls))
+
+    def _plan(self, classes, generator):
+        self.record["seeds"].append(generator.initial_seed())
+        return super()._plan(classes, generator)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.record["entries"] = self.state_dict()["entries"]
+        torch.save(self.record, Path(self.out_dir, f"rank{trainer.global_rank}.pt"))
+
+
+class RankFrames(LightningDataModule):
+    """Each rank its own frames, 4 batches: rank 0 four 16 x 16 images per batch, rank 1 three 12 x 20 ones; the
+    last batch of both ranks without any tail object."""
+
+    num_classes = NUM_CLASSES
+    ignore_index = IGNORE
+
+    def train_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank
+        batch, (height, width) = [(4, (16, 16)), (3, (12, 20))][rank]
+        images, masks = busy_frames(4 * batch, height, width, seed=10 + rank)
+        masks[3 * batch :][(masks[3 * batch :] == 2) | (masks[3 * batch :] == 3)] = 0
+        return DataLoader(TensorDataset(images, masks), batch_size=batch)
+
+
+@pytest.mark.ddp
+def test_ddp_exchange_sends_only_the_kept_entries_and_builds_the_shared_bank(tmp_path):
+    """2 CPU processes with batches of different sizes and frames of different sizes, a bank of 2 entries per class
+    (so a step overwrites some of its own entries) and p_resize 0.5 (empty entries too): both ranks end with the
+    same bank, entry for entry the bank of every entry written in turn in rank order (the earlier
+    ``all_gather_object`` exchange's); each rank receives exactly the bytes of the other rank's entries that the
+    step keeps; the host syncs are the two copies of the gathered header and boxes per step."""
+    kwargs = {"tail_classes": TAIL, "memory_size": 2, "p_resize": 0.5, "seed": 5}
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES)
+    trainer = make_trainer(tmp_path, [ExchangeRecorder(str(tmp_path), **kwargs)], max_epochs=1, limit_val_batches=0,
+                           devices=2, strategy=DDP_STRATEGY, use_distributed_sampler=False)
+    trainer.fit(module, datamodule=RankFrames())
+    records = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert records[0]["seeds"] == records[1]["seeds"] and len(records[0]["seeds"]) == 4
+    steps = [
+        [(rank, image, mask) for rank in (0, 1) for image, mask in zip(*records[rank]["inputs"][step])]
+        for step in range(4)
+    ]
+    expected, kept = entries_written_in_order(steps, 2, 0.5, records[0]["seeds"])
+    for rank in (0, 1):
+        assert_bank_equals(records[rank]["entries"], expected)
+        for step in range(4):
+            other = [entry for source, entry in kept[step] if source != rank]
+            assert records[rank]["received"][step] == sum(e[0].numel() * 4 + e[1].numel() for e in other)
+        assert records[rank]["syncs"] == [[("Tensor.tolist", "_gather_frames")] * 2] * 3 + [
+            [("Tensor.tolist", "_gather_frames")]  # no tail object on any rank: the header alone
+        ]
+    for c in TAIL:  # bitwise identical on both ranks
+        for got, other in zip(records[0]["entries"][c], records[1]["entries"][c]):
+            assert torch.equal(got[0], other[0]) and torch.equal(got[1], other[1]) and got[2:] == other[2:]
+    assert sum(len(frames) for frames in steps) == 4 * (4 + 3) and kept[3] == []
+    assert sum(map(len, kept)) < sum(int((m == c).any()) for frames in steps for _, _, m in frames for c in TAIL)
+    assert any(entry[1].numel() == 0 for step in kept for _, entry in step)  # an empty entry crossed ranks
+
+
+def test_ranks_with_different_channels_or_unsendable_images_are_refused(monkeypatch):
+    """Checked on the gathered header, before any entry is sent (here rank 1's header is faked: 4 channels)."""
+    images, masks = busy_frames(2, 8, 8, seed=0)
+    bank = ready_bank()
+    boxes = bank._boxes(masks, bank._resize((8, 8), images.device))
+
+    def all_gather(outputs, tensor):
+        outputs[0].copy_(tensor)
+        outputs[1].copy_(tensor)
+        outputs[1][1] = 4
+
+    monkeypatch.setattr(memory_bank.dist, "all_gather", all_gather)
+    with pytest.raises(ValueError, match=r"ranks' images differ in channels or dtype \(\[\(3, 'torch.float32'\), "
+                       r"\(4, 'torch.float32'\)\]\).*HINT: give every rank's data loader the same transforms"):
+        memory_bank._gather_frames(images, boxes, (8, 8), world_size=2)
+    with pytest.raises(ValueError, match=r"cannot exchange images of dtype torch.complex64.*HINT: convert the batch"):
+        memory_bank._gather_frames(images.to(torch.complex64), boxes, (8, 8), world_size=2)

@@ -260,8 +260,51 @@ def test_bad_target_value_raises() -> None:
     with pytest.raises(ValueError, match=r"7 .*outside \[0, 7\).*ignore_index"):
         PixelAUCLoss(ignore_index=IGNORE)(logits, target)
     target[0, 0, 0] = -1
-    with pytest.raises(ValueError, match="-1"):
+    with pytest.raises(ValueError, match=r"-1 outside .*HINT: if these label unlabelled pixels, set `ignore_index`"):
         LF.pixel_auc_loss(logits, target, ignore_index=IGNORE)
+
+
+def test_bad_target_value_raises_on_devices_without_async_assertions(monkeypatch) -> None:
+    """Devices without ``torch._assert_async`` (e.g. MPS) check on the host, with the same message."""
+    monkeypatch.setattr(pixel_auc_module, "_ASYNC_ASSERT_DEVICES", ())
+    logits, target = make_inputs(12)
+    expected = brute_force(logits, target, 1.0, "ovo", "square", IGNORE)
+    torch.testing.assert_close(PixelAUCLoss(ignore_index=IGNORE)(logits, target), expected)
+    target[0, 0, 0] = 9
+    with pytest.raises(ValueError, match=r"9 outside \[0, 7\).*HINT"):
+        PixelAUCLoss(ignore_index=IGNORE)(logits, target)
+
+
+@pytest.mark.parametrize(("transform", "surrogate"), VARIANTS)
+def test_no_host_syncs(transform: str, surrogate: str) -> None:
+    """Forward and backward never copy a value to the host nor size a tensor by the data (what would block the
+    host on a GPU): the label check is an asynchronous assertion, the class counts an ``index_add_``."""
+    from tests.host_syncs import HostSyncCounter
+
+    logits, target = make_inputs(13, batch=2, size=(9, 7), dtype=torch.float32)
+    small = torch.randn(2, 7, 3, 3, requires_grad=True)  # resized to the target inside the loss
+    with HostSyncCounter() as syncs:
+        PixelAUCLoss(transform=transform, surrogate=surrogate, gamma=1.0, ignore_index=IGNORE)(
+            logits.requires_grad_(True), target
+        ).backward()
+        LF.pixel_auc_loss(small, target[:, :6, :6], 1.0, transform, surrogate, IGNORE).backward()
+    assert syncs.calls == [], syncs.report()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+def test_no_host_syncs_on_cuda() -> None:
+    logits, target = make_inputs(13, batch=2, size=(9, 7), dtype=torch.float32)
+    logits, target = logits.cuda().requires_grad_(True), target.cuda()
+    loss = PixelAUCLoss(ignore_index=IGNORE)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        value = loss(logits, target)
+        value.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    expected = brute_force(logits.detach().cpu().double(), target.cpu(), 1.0, "ovo", "square", IGNORE)
+    torch.testing.assert_close(value.detach().cpu().double(), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(

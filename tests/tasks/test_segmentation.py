@@ -242,6 +242,81 @@ def test_auxiliary_head_with_zero_weight_is_an_error():
     SegmentationModule(TinySegNet, num_classes=NUM_CLASSES, aux_weight=0.0)  # no auxiliary head: fine
 
 
+# ------------------------------------------------------------------------------------ host syncs
+
+
+class SyncCountingModule(SegmentationModule):
+    """Records the host syncs that lightning_lt code makes inside each training step (loss, logging included)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sync_calls: list = []
+
+    def training_step(self, batch, batch_idx):
+        from tests.host_syncs import HostSyncCounter
+
+        with HostSyncCounter() as syncs:
+            loss = super().training_step(batch, batch_idx)
+        self.sync_calls.extend(syncs.calls)
+        return loss
+
+
+@pytest.mark.parametrize("variant", ["weighted_ce_auc", "aux_head"])
+def test_training_step_makes_no_host_syncs(tmp_path, variant):
+    """CE (class-weighted or not), pixel AUC, auxiliary head and logging: nothing copied to the host, nothing
+    sized by the data, in any training step."""
+    data = ToySegData()
+    if variant == "weighted_ce_auc":
+        module = SyncCountingModule(TinySegNet, num_classes=NUM_CLASSES, class_counts=data.class_counts,
+                                    class_weights="inverse", auc_loss=PixelAUCLoss())
+    else:
+        module = SyncCountingModule(aux_net, num_classes=NUM_CLASSES, auc_loss=PixelAUCLoss())
+    trainer(tmp_path, limit_train_batches=3, limit_val_batches=0).fit(module, datamodule=data)
+    assert module.global_step == 3
+    assert module.sync_calls == [], "\n".join(f"{what} at {where}" for what, where in module.sync_calls)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_is_the_labelled_pixels_mean_and_zero_without_any(weighted):
+    counts = [300, 100, 10, 5]
+    kwargs = {"class_counts": counts, "class_weights": "inverse"} if weighted else {}
+    module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES, ignore_index=IGNORE, **kwargs)
+    weight = segmentation_class_weights(counts, "inverse") if weighted else None
+    images, masks = toy_segmentation(4)
+    logits = module(images)
+    torch.testing.assert_close(module._cross_entropy(logits, masks),
+                               F.cross_entropy(logits, masks, weight=weight, ignore_index=IGNORE))
+    loss = module._cross_entropy(logits, torch.full_like(masks, IGNORE))  # F.cross_entropy: nan
+    assert loss.item() == 0.0
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in module.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+def test_training_step_makes_no_host_syncs_on_cuda(tmp_path):
+    """From the second step on (Lightning registers its logged metrics in the first, with host copies of its own),
+    the training step runs with ``torch.cuda.set_sync_debug_mode("error")``."""
+
+    class Strict(SegmentationModule):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 0:
+                return super().training_step(batch, batch_idx)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return super().training_step(batch, batch_idx)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
+    data = ToySegData()
+    module = Strict(TinySegNet, num_classes=NUM_CLASSES, class_counts=data.class_counts, class_weights="inverse",
+                    auc_loss=PixelAUCLoss())
+    Trainer(accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=3, limit_val_batches=0, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            default_root_dir=tmp_path).fit(module, datamodule=data)
+    assert module.global_step == 3
+
+
 # ------------------------------------------------------------------------------------ training run
 
 
