@@ -159,3 +159,9 @@ def test_cifar10_lt_best_epoch_records_each_fit_validation_once(tmp_path):
     best.on_validation_end(trainer, None)
     assert [h["epoch"] for h in best.history] == [1, 2]
     assert best.best() == {"epoch": 2, "acc": 0.75, "acc_many": 0.5}
+
+
+def test_scale_logging_row_quick():
+    row, setup = _load("scale_logging").run(Namespace(quick=True))
+    assert row["name"] == "per-class-logging-C8142" and setup["classes"] == 500
+    assert row["ratio"] > 0 and row["scalars_ratio"] > 0 and row["target_ratio"] == 1.2

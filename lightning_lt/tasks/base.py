@@ -54,6 +54,10 @@ def check_class_info(
     return class_counts, names
 
 
+#: Default of the task modules' ``per_class_scalars_max``: up to this many classes, per-class values are scalars.
+DEFAULT_PER_CLASS_SCALARS_MAX = 100
+
+
 class TaskModule(LightningModule):
     """Base of the task modules: config-only hyper-parameters and optimizer / scheduler factories."""
 
@@ -76,6 +80,38 @@ class TaskModule(LightningModule):
         modules are seeded from ``(s, rank, epoch)`` by their loader
         (:class:`~lightning_lt.datamodules.base.EpochSeededDataLoader`)."""
         reseed_for_epoch(self.current_epoch, self.global_rank)
+
+    #: Per-class values of the last evaluation epoch, ``{stage: {key: value}}`` (see :meth:`log_class_values`).
+    per_class_values: dict[str, dict[str, float]]
+    #: Up to this many classes, per-class values are logged as scalars through ``self.log``.
+    per_class_scalars_max: int = DEFAULT_PER_CLASS_SCALARS_MAX
+
+    def log_class_values(self, stage: str, kind: str, names: Sequence[str], values: Tensor) -> None:
+        """Log one value per class for ``stage`` as ``{stage}/{kind}/<class name>``, once per epoch.
+
+        With at most :attr:`per_class_scalars_max` classes (100 by default; the task modules take it as an
+        argument) they are scalars through ``self.log``: in ``trainer.callback_metrics``, usable by
+        ``ModelCheckpoint`` / ``EarlyStopping``. With more, ``self.log`` would cost time quadratic in the number of
+        keys (Lightning re-walks every logged key each time one is added: 15 s per validation at 8,142 classes),
+        so they go out as **one structured object**: a single ``log_metrics`` call per logger on global rank zero
+        with the same keys (one host transfer of the already synchronised values). Either way the values are kept
+        in :attr:`per_class_values` ``[stage]`` (every rank holds the same, synchronised numbers).
+        """
+        keys = [f"{stage}/{kind}/{safe_metric_key(name)}" for name in names]
+        if len(keys) <= self.per_class_scalars_max:
+            # torchmetrics has synchronised the values already; sync_dist only averages equal numbers.
+            self.log_dict(dict(zip(keys, values)), sync_dist=True)
+            floats = values.detach().cpu().tolist()
+        else:
+            floats = values.detach().cpu().tolist()
+            trainer = self._trainer
+            if trainer is not None and not trainer.sanity_checking and trainer.is_global_zero:
+                metrics = dict(zip(keys, floats))
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=trainer.global_step)
+        if not hasattr(self, "per_class_values"):
+            self.per_class_values = {}
+        self.per_class_values[stage] = dict(zip(keys, floats))
 
     def update_eval_loss(self, stage: str, loss: Tensor, num_samples: int) -> None:
         """Add a batch's mean ``loss`` over ``num_samples`` samples to the ``stage`` loss (0 samples is allowed)."""
@@ -277,6 +313,16 @@ def resolve_factory(value: Any, name: str, owner: str, types: tuple[type, ...], 
         raise ValueError(
             f"`{name}` of {owner} must be a factory (a class or functools.partial), got {value!r}. "
             f"HINT: e.g. `{name}={example}`."
+        )
+    return value
+
+
+def check_per_class_scalars_max(value: Any) -> int:
+    """``per_class_scalars_max`` of the task modules: an integer >= 0 (the most classes logged as scalars)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"Expected `per_class_scalars_max` to be an integer >= 0 (the most classes whose per-class values are "
+            f"logged as scalars; above it, one structured object per epoch), got {value!r}"
         )
     return value
 

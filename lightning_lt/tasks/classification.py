@@ -17,7 +17,14 @@ from lightning_lt.losses.base import check_target_range
 from lightning_lt.metrics import LongTailAccuracy, shot_groups
 from lightning_lt.nets import build_head
 from lightning_lt.nets.heads import HEAD_BIAS_INITS, HEAD_INITS
-from lightning_lt.tasks.base import TaskModule, check_class_info, check_saved, resolve_factory, safe_metric_key
+from lightning_lt.tasks.base import (
+    DEFAULT_PER_CLASS_SCALARS_MAX,
+    TaskModule,
+    check_class_info,
+    check_per_class_scalars_max,
+    check_saved,
+    resolve_factory,
+)
 from lightning_lt.tasks.plotting import log_figure, per_class_accuracy_figure
 
 #: A loss is given as a factory called with the training class counts, e.g. the class
@@ -76,7 +83,12 @@ class LongTailClassifier(TaskModule):
             adjustment, Menon et al.); training is unchanged. Refused with ``LogitAdjustedLoss`` and
             ``BalancedSoftmaxLoss``, whose raw logits are already adjusted.
         many_threshold / few_threshold: shot-group thresholds (OLTR convention: 100 / 20).
-        log_per_class: log one accuracy scalar per class.
+        log_per_class: log the accuracy of every class (once per epoch).
+        per_class_scalars_max: with ``log_per_class``, up to this many classes the per-class values are scalars
+            through ``self.log`` (in ``callback_metrics``); above it they are logged once per epoch as one
+            structured object (a single ``log_metrics`` call per logger), see
+            :meth:`~lightning_lt.tasks.base.TaskModule.log_class_values`. Either way ``module.per_class_values``
+            holds the last epoch's values.
         plot_per_class: log the per-class accuracy figure at the end of each validation epoch.
 
     A checkpoint saved in plain Python (not by the CLI, whose checkpoints hold the config) records ``loss``,
@@ -111,6 +123,7 @@ class LongTailClassifier(TaskModule):
         many_threshold: int = 100,
         few_threshold: int = 20,
         log_per_class: bool = True,
+        per_class_scalars_max: int = DEFAULT_PER_CLASS_SCALARS_MAX,
         plot_per_class: bool = True,
     ) -> None:
         super().__init__()
@@ -146,6 +159,7 @@ class LongTailClassifier(TaskModule):
         self.lr_scheduler_interval = lr_scheduler_interval
         self.posthoc_tau = posthoc_tau
         self.log_per_class = log_per_class
+        self.per_class_scalars_max = check_per_class_scalars_max(per_class_scalars_max)
         self.plot_per_class = plot_per_class
         self.many_threshold = many_threshold
         self.few_threshold = few_threshold
@@ -264,10 +278,7 @@ class LongTailClassifier(TaskModule):
         # sync_dist only tells Lightning so (averaging equal values), keeping DDP runs warning-free.
         self.log_dict({f"{stage}/{k}": values[k] for k in keys}, sync_dist=True)
         if self.log_per_class:
-            self.log_dict(
-                {f"{stage}/class_acc/{safe_metric_key(name)}": per_class[i] for i, name in enumerate(self.class_names)},
-                sync_dist=True,
-            )
+            self.log_class_values(stage, "class_acc", self.class_names, per_class)
         metric.reset()
         return per_class
 

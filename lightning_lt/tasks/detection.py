@@ -23,7 +23,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_lt.metrics.detection import DetectionMAP
 from lightning_lt.nets.efficientnet import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD, efficientnet_lite_fpn
-from lightning_lt.tasks.base import TaskModule, check_class_info, safe_metric_key
+from lightning_lt.tasks.base import (
+    DEFAULT_PER_CLASS_SCALARS_MAX,
+    TaskModule,
+    check_class_info,
+    check_per_class_scalars_max,
+)
 
 __all__ = [
     "DetectionModule",
@@ -265,7 +270,12 @@ class DetectionModule(TaskModule):
         nms_thresh / detections_per_img: the detector's post-processing.
         rare_max / common_max: frequency-group limits in training boxes (LVIS: 10 / 100).
         optimizer / lr_scheduler / lr_scheduler_interval: factories.
-        log_per_class: log one AP per class.
+        log_per_class: log the AP of every class (once per epoch).
+        per_class_scalars_max: with ``log_per_class``, up to this many classes the per-class values are scalars
+            through ``self.log`` (in ``callback_metrics``); above it they are logged once per epoch as one
+            structured object (a single ``log_metrics`` call per logger), see
+            :meth:`~lightning_lt.tasks.base.TaskModule.log_class_values`. Either way ``module.per_class_values``
+            holds the last epoch's values.
 
     Raises:
         ValueError: unknown ``arch`` / ``backbone``, inconsistent class facts, or (at the start of training)
@@ -298,6 +308,7 @@ class DetectionModule(TaskModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "step",
         log_per_class: bool = True,
+        per_class_scalars_max: int = DEFAULT_PER_CLASS_SCALARS_MAX,
     ) -> None:
         super().__init__()
         class_counts, names = check_class_info(num_classes, class_counts, class_names)
@@ -331,6 +342,7 @@ class DetectionModule(TaskModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.log_per_class = log_per_class
+        self.per_class_scalars_max = check_per_class_scalars_max(per_class_scalars_max)
         self.val_metric = DetectionMAP(num_classes, class_counts=class_counts, rare_max=rare_max, common_max=common_max)
         self.test_metric = DetectionMAP(num_classes, class_counts=class_counts, rare_max=rare_max, common_max=common_max)
 
@@ -484,9 +496,7 @@ class DetectionModule(TaskModule):
         keys = ("map", "ap50", "ap75", "ap_small", "ap_medium", "ap_large", "ap_rare", "ap_common", "ap_frequent")
         self.log_dict({f"{stage}/{k}": values[k] for k in keys if k in values}, sync_dist=True)
         if self.log_per_class:
-            per_class = values["ap_per_class"]
-            self.log_dict({f"{stage}/ap/{safe_metric_key(n)}": per_class[i] for i, n in enumerate(self.class_names)},
-                          sync_dist=True)
+            self.log_class_values(stage, "ap", self.class_names, values["ap_per_class"])
         metric.reset()
 
 

@@ -14,7 +14,12 @@ from torch import Tensor, nn
 from lightning_lt.losses.multilabel import energy_gap_loss, multilabel_bce, outlier_confidence_loss
 from lightning_lt.metrics.multilabel import MultilabelAP, label_tail_groups
 from lightning_lt.metrics.ood import OOD_SCORES, OODDetection, ood_scores
-from lightning_lt.tasks.base import TaskModule, check_class_info, safe_metric_key
+from lightning_lt.tasks.base import (
+    DEFAULT_PER_CLASS_SCALARS_MAX,
+    TaskModule,
+    check_class_info,
+    check_per_class_scalars_max,
+)
 from lightning_lt.tasks.plotting import log_figure, ood_score_histogram_figure
 
 __all__ = ["MultiLabelOODModule", "default_multilabel_optimizer"]
@@ -71,7 +76,12 @@ class MultiLabelOODModule(TaskModule):
         ood_score_names: OOD scores evaluated side by side.
         histogram_score: score shown in the ID-vs-OOD histogram.
         optimizer / lr_scheduler / lr_scheduler_interval: optimizer and scheduler factories.
-        log_per_class: log one AP per label.
+        log_per_class: log the AP of every label (once per epoch).
+        per_class_scalars_max: with ``log_per_class``, up to this many classes the per-class values are scalars
+            through ``self.log`` (in ``callback_metrics``); above it they are logged once per epoch as one
+            structured object (a single ``log_metrics`` call per logger), see
+            :meth:`~lightning_lt.tasks.base.TaskModule.log_class_values`. Either way ``module.per_class_values``
+            holds the last epoch's values.
         plot_histogram: log the score histogram at the end of each validation epoch.
 
     Raises:
@@ -99,6 +109,7 @@ class MultiLabelOODModule(TaskModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         log_per_class: bool = True,
+        per_class_scalars_max: int = DEFAULT_PER_CLASS_SCALARS_MAX,
         plot_histogram: bool = True,
     ) -> None:
         super().__init__()
@@ -130,6 +141,7 @@ class MultiLabelOODModule(TaskModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.log_per_class = log_per_class
+        self.per_class_scalars_max = check_per_class_scalars_max(per_class_scalars_max)
         self.plot_histogram = plot_histogram
         tail = self.requested_tail_labels
         if tail is None and class_counts is not None:
@@ -277,10 +289,7 @@ class MultiLabelOODModule(TaskModule):
         # torchmetrics has synchronised the values already; sync_dist only averages equal numbers.
         self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, sync_dist=True)
         if self.log_per_class:
-            self.log_dict(
-                {f"{stage}/ap/{safe_metric_key(n)}": maps["ap"][i] for i, n in enumerate(self.class_names)},
-                sync_dist=True,
-            )
+            self.log_class_values(stage, "ap", self.class_names, maps["ap"])
         map_metric.reset()
         ood_metric.reset()
 

@@ -17,7 +17,12 @@ from lightning_lt.losses import PixelAUCLoss
 from lightning_lt.losses.pixel_auc import check_resizable_logits
 from lightning_lt.metrics.segmentation import SegmentationIoU, pixel_tail_classes, validate_tail_classes
 from lightning_lt.nets.segmentation import TorchvisionSegmentation
-from lightning_lt.tasks.base import TaskModule, check_class_info, safe_metric_key
+from lightning_lt.tasks.base import (
+    DEFAULT_PER_CLASS_SCALARS_MAX,
+    TaskModule,
+    check_class_info,
+    check_per_class_scalars_max,
+)
 from lightning_lt.tasks.plotting import log_figure, per_class_iou_figure
 
 __all__ = ["NetFactory", "SegmentationModule", "default_segmentation_optimizer", "segmentation_class_weights"]
@@ -117,7 +122,12 @@ class SegmentationModule(TaskModule):
         optimizer: factory called with the parameters (default AdamW, lr 6e-5, weight decay 0.01).
         lr_scheduler: optional factory called with the optimizer (e.g. ``torch.optim.lr_scheduler.PolynomialLR``).
         lr_scheduler_interval: ``"step"`` (default, as the poly schedule of segmentation) or ``"epoch"``.
-        log_per_class: log one IoU scalar per class.
+        log_per_class: log the IoU of every class (once per epoch).
+        per_class_scalars_max: with ``log_per_class``, up to this many classes the per-class values are scalars
+            through ``self.log`` (in ``callback_metrics``); above it they are logged once per epoch as one
+            structured object (a single ``log_metrics`` call per logger), see
+            :meth:`~lightning_lt.tasks.base.TaskModule.log_class_values`. Either way ``module.per_class_values``
+            holds the last epoch's values.
         plot_per_class: log the per-class IoU figure at the end of each validation epoch.
         aux_weight: weight of the auxiliary head's cross-entropy (see above); ``> 0`` when the network has
             an auxiliary head.
@@ -148,6 +158,7 @@ class SegmentationModule(TaskModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "step",
         log_per_class: bool = True,
+        per_class_scalars_max: int = DEFAULT_PER_CLASS_SCALARS_MAX,
         plot_per_class: bool = True,
         aux_weight: float = 0.4,
         image_key: str = "image",
@@ -190,6 +201,7 @@ class SegmentationModule(TaskModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.log_per_class = log_per_class
+        self.per_class_scalars_max = check_per_class_scalars_max(per_class_scalars_max)
         self.plot_per_class = plot_per_class
         self.val_metric = SegmentationIoU(num_classes, ignore_index=ignore_index, tail_classes=self.tail_classes)
         self.test_metric = SegmentationIoU(num_classes, ignore_index=ignore_index, tail_classes=self.tail_classes)
@@ -372,10 +384,7 @@ class SegmentationModule(TaskModule):
         # torchmetrics has synchronised the values already; sync_dist only averages equal numbers.
         self.log_dict({f"{stage}/{k}": values[k] for k in keys}, sync_dist=True)
         if self.log_per_class:
-            self.log_dict(
-                {f"{stage}/iou/{safe_metric_key(name)}": values["iou"][i] for i, name in enumerate(self.class_names)},
-                sync_dist=True,
-            )
+            self.log_class_values(stage, "iou", self.class_names, values["iou"])
         metric.reset()
         return values
 
