@@ -123,8 +123,11 @@ def sampling_free_classification_loss(
     """
     gt_classes = torch.zeros_like(cls_logits)
     for i, (target, matched) in enumerate(zip(targets, matched_idxs)):
-        foreground = matched >= 0
-        gt_classes[i, foreground, target["labels"][matched[foreground]]] = 1.0
+        # no boolean-mask indexing (a host sync): every anchor scatters into its box's class, 1 if foreground
+        foreground = (matched >= 0).to(cls_logits.dtype)
+        labels = target["labels"]
+        classes = labels[matched.clamp(min=0)] if labels.numel() else torch.zeros_like(matched)
+        gt_classes[i].scatter_(1, classes[:, None], foreground[:, None])
     num_foreground = torch.stack([(matched >= 0).sum() for matched in matched_idxs]).sum()  # integer, on device
     loss = F.binary_cross_entropy_with_logits(cls_logits, gt_classes, reduction="sum")
     return loss / (num_foreground + len(matched_idxs))
@@ -144,15 +147,22 @@ def _fcos_box_losses(
     num_foreground = foreground.sum().clamp_min(1)
     anchors_ = torch.stack(anchors)
     pred_boxes = box_coder.decode(head_outputs["bbox_regression"], anchors_)
-    regression = generalized_box_iou_loss(pred_boxes[foreground], gt_boxes[foreground], reduction="sum")
+    # Over every point, background masked out with `where` (boolean-mask indexing would be a host sync); the
+    # background points' targets are set to finite values first, so that no nan reaches a gradient.
+    regression = torch.where(
+        foreground, generalized_box_iou_loss(pred_boxes, gt_boxes, reduction="none"), 0.0
+    ).sum()
     reg_targets = box_coder.encode(anchors_, gt_boxes)
     left_right, top_bottom = reg_targets[:, :, [0, 2]], reg_targets[:, :, [1, 3]]
     gt_ctrness = torch.sqrt(
         (left_right.min(dim=-1)[0] / left_right.max(dim=-1)[0]) * (top_bottom.min(dim=-1)[0] / top_bottom.max(dim=-1)[0])
     )
-    ctrness = F.binary_cross_entropy_with_logits(
-        head_outputs["bbox_ctrness"].squeeze(dim=2)[foreground], gt_ctrness[foreground], reduction="sum"
-    )
+    gt_ctrness = torch.where(foreground, gt_ctrness, 0.0)
+    ctrness = torch.where(
+        foreground,
+        F.binary_cross_entropy_with_logits(head_outputs["bbox_ctrness"].squeeze(dim=2), gt_ctrness, reduction="none"),
+        0.0,
+    ).sum()
     return {"bbox_regression": regression / num_foreground, "bbox_ctrness": ctrness / num_foreground}
 
 

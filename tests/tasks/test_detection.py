@@ -593,3 +593,24 @@ def test_module_ignores_detections_on_voc_difficult_objects(tmp_path):
         stats, per_category = cocoeval(gt, results)
         assert_module_equals_cocoeval(metrics, data, stats, per_category)
         assert metrics["val/map"] == pytest.approx(1.0)  # the two higher-scored detections are not false positives
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+def test_sampling_free_training_step_makes_no_host_sync(arch):
+    """Issue 13: no `.item()` / `int()` / boolean-mask indexing in lightning_lt's part of the sampling-free
+    training step (torchvision's matcher has its own); the gradients stay finite (background targets masked)."""
+    from tests.host_syncs import HostSyncCounter
+
+    torch.manual_seed(0)
+    module = DetectionModule(arch, num_classes=3, backbone="resnet18", min_size=64, max_size=96, sampling_free=True)
+    module.prior_pi.fill_(0.01)
+    module.log = module.log_dict = lambda *args, **kwargs: None  # no trainer here
+    images = [torch.rand(3, 64, 80), torch.rand(3, 56, 70), torch.rand(3, 60, 60)]
+    targets = [{"boxes": torch.tensor([[10.0, 12.0, 50.0, 60.0]]), "labels": torch.tensor([1])},
+               {"boxes": torch.tensor([[5.0, 5.0, 30.0, 40.0], [20.0, 20.0, 50.0, 50.0]]), "labels": torch.tensor([2, 0])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]  # an image without boxes
+    with HostSyncCounter() as syncs:
+        loss = module.training_step((images, targets), 0)
+    assert syncs.calls == [], syncs.report()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
