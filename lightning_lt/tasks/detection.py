@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -12,8 +13,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
@@ -380,31 +381,55 @@ class DetectionModule(TaskModule):
     @torch.no_grad()
     def count_assignments(self, loader: Any) -> tuple[int, int]:
         """Foreground and background anchors (points for FCOS) of ``loader``'s images under the detector's
-        own assignment (RetinaNet's ``proposal_matcher``; FCOS's centre sampling and scale ranges), taken
-        from the matching the detector passes to its loss."""
+        own assignment (RetinaNet's ``proposal_matcher``; FCOS's centre sampling and scale ranges), from the
+        images' sizes and boxes alone, as the reference builds the anchors: no backbone or head forward.
+
+        Per batch: the detector's own transform (resize, batch padding) runs on ``meta`` tensors of the images'
+        shapes (no pixels), the feature-map sizes come from the backbone traced once on the ``meta`` device per
+        padded batch size, the detector's anchor generator builds the anchors for those sizes and its own
+        ``compute_loss`` assigns them (the head's loss is replaced by a recorder). The counts equal those of a
+        training forward of the whole detector over the same batches."""
+        model = self.model
+        head = model.head
+        meta_backbone = copy.deepcopy(model.backbone).to("meta")
+        feature_shapes: dict[tuple[int, ...], list[torch.Size]] = {}
         recorded: list[Tensor] = []
-        head = self.model.head
 
-        def record(targets: Any, head_outputs: Any, anchors: Any, matched_idxs: list[Tensor]) -> dict[str, Tensor]:
-            recorded.extend(m.detach() for m in matched_idxs)
-            return {"classification": torch.zeros(()), "bbox_regression": torch.zeros(())}
+        def record(targets: Any, head_outputs: Any, *args: Any) -> dict[str, Tensor]:
+            recorded.extend(m.detach() for m in args[-1])  # matched_idxs is the last argument in both detectors
+            return {}
 
-        fg = bg = 0
-        with _training_without_batchnorm_updates(self.model), _patched(head, "compute_loss", record):
-            for batch in loader:
-                images, targets = self._to_device(batch)
-                self.model(images, targets)
-                for matched in recorded:
-                    fg += int((matched >= 0).sum())
-                    bg += int((matched == -1).sum())  # -2 (between thresholds) not counted (reference)
-                recorded.clear()
-        return fg, bg
-
-    def _to_device(self, batch: Any) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-        images, targets = batch[0], batch[1]
-        images = [image.to(self.device) for image in images]
-        targets = [{k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
-        return images, targets
+        fg = torch.zeros((), dtype=torch.int64)
+        bg = torch.zeros((), dtype=torch.int64)
+        was_training = model.transform.training
+        model.transform.train()  # the training-time resize (a random choice when `min_size` is a tuple)
+        try:
+            with _patched(head, "compute_loss", record):
+                for batch in loader:
+                    images, targets = batch[0], batch[1]
+                    meta_images = [torch.empty(image.shape, device="meta") for image in images]
+                    targets = [{k: v.cpu() if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+                    image_list, targets = model.transform(meta_images, targets)
+                    shape = tuple(image_list.tensors.shape)
+                    if shape not in feature_shapes:
+                        features = meta_backbone(image_list.tensors)
+                        values = [features] if isinstance(features, Tensor) else list(features.values())
+                        feature_shapes[shape] = [f.shape for f in values]
+                    # shape-only stand-ins on the CPU (expanded views of one zero: no memory) for the generator
+                    features = [torch.zeros(()).expand(s) for s in feature_shapes[shape]]
+                    cpu_list = ImageList(torch.zeros(()).expand(shape), image_list.image_sizes)
+                    anchors = model.anchor_generator(cpu_list, features)
+                    if isinstance(model, FCOS):
+                        model.compute_loss(targets, {}, anchors, [f.size(2) * f.size(3) for f in features])
+                    else:
+                        model.compute_loss(targets, {}, anchors)
+                    for matched in recorded:
+                        fg += (matched >= 0).sum()
+                        bg += (matched == -1).sum()  # -2 (between thresholds) not counted (reference)
+                    recorded.clear()
+        finally:
+            model.transform.train(was_training)
+        return int(fg), int(bg)
 
     def initialise_bias(self, loader: Any) -> float:
         """Count assignments over ``loader`` (summed over ranks), set ``prior_pi``, the classification bias and
@@ -538,17 +563,3 @@ def _patched(obj: Any, name: str, value: Any) -> Iterator[None]:
         else:
             delattr(obj, name)
 
-
-@contextmanager
-def _training_without_batchnorm_updates(model: nn.Module) -> Iterator[None]:
-    """``model.train()`` (the detectors assign anchors only in training mode) with batch-norm layers in eval
-    mode, so that counting does not change their running statistics."""
-    was_training = model.training
-    model.train()
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-    for m in norms:
-        m.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

@@ -614,3 +614,68 @@ def test_sampling_free_training_step_makes_no_host_sync(arch):
     assert syncs.calls == [], syncs.report()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def _forward_counts(module: DetectionModule, batches) -> tuple[int, int]:
+    """The count as the detector's training forward assigns (the library's former method, kept here as the
+    reference): the whole model runs, its head's ``compute_loss`` records ``matched_idxs``."""
+    recorded = []
+
+    def record(targets, head_outputs, *args):
+        recorded.extend(args[-1])
+        return {"classification": torch.zeros(()), "bbox_regression": torch.zeros(())}
+
+    model, head = module.model, module.model.head
+    fg = bg = 0
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    head.compute_loss = record
+    try:
+        with torch.no_grad():
+            for images, targets in batches:
+                model(images, targets)
+                for matched in recorded:
+                    fg += int((matched >= 0).sum())
+                    bg += int((matched == -1).sum())
+                recorded.clear()
+    finally:
+        del head.compute_loss
+    return fg, bg
+
+
+def _varied_batches(seed: int = 0):
+    """Images of different sizes and aspect ratios (so resizing and batch padding differ), boxes of every scale,
+    and an image without boxes."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for sizes in (((70, 90), (48, 130), (64, 64)), ((100, 60), (33, 47)), ((120, 200),)):
+        images, targets = [], []
+        for h, w in sizes:
+            images.append(torch.rand(3, h, w, generator=generator))
+            n = int(torch.randint(0, 4, (1,), generator=generator))
+            xy = torch.rand(n, 2, generator=generator) * torch.tensor([w * 0.7, h * 0.7])
+            wh = torch.rand(n, 2, generator=generator) * torch.tensor([w * 0.5, h * 0.5]) + 2
+            boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w - 1.0, h - 1.0]))], dim=1)
+            targets.append({"boxes": boxes, "labels": torch.randint(0, K, (n,), generator=generator)})
+        batches.append((images, targets))
+    return batches
+
+
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_prior_count_from_sizes_equals_the_detectors_forward(arch, backbone):
+    """Issue 13: the sampling-free prior is counted without the detector's forward, and the count is exactly the
+    forward's, with resizing, batch padding, images without boxes and both backbones' feature-map sizes."""
+    torch.manual_seed(0)
+    module = DetectionModule(arch, num_classes=K, backbone=backbone, min_size=96, max_size=160, sampling_free=True)
+    batches = _varied_batches()
+    expected = _forward_counts(module, batches)
+    assert expected[0] > 0 and expected[1] > expected[0]
+
+    devices = []
+    hook = module.model.backbone.register_forward_pre_hook(lambda m, inputs: devices.append(inputs[0].device.type))
+    assert module.count_assignments(batches) == expected
+    hook.remove()
+    assert module.model.backbone._forward_pre_hooks == {} and set(devices) <= {"meta"}  # no pixel went through
