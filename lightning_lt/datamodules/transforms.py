@@ -172,10 +172,10 @@ class TensorCIFARAugment:
     ) -> torch.Tensor:
         """The transform of ``images[index]`` for the given ``draws``, as one batch: ``float32 [B, C, size, size]``.
 
-        Output pixel ``(a, b)`` of sample ``k`` is pixel ``(top + a - p, left + b' - p)`` of image ``index[k]``
-        (``b' = size - 1 - b`` when flipped, ``b`` otherwise; ``p`` the padding; zero outside the image), then
-        ``(x / 255 - mean) / std``: one gather, one mask and the normalisation, on the device of ``images``.
-        With ``train=False`` only the gather and the normalisation.
+        The batch is gathered, zero-padded by ``p = padding``, and output pixel ``(a, b)`` of sample ``k`` is pixel
+        ``(top + a, left + b')`` of its padded image (``b' = size - 1 - b`` when flipped, ``b`` otherwise), then
+        ``(x / 255 - mean) / std``: a handful of tensor operations on the device of ``images``. With
+        ``train=False`` only the gather and the normalisation.
 
         Args:
             images: ``uint8 [N, C, H, W]``, all images of the data set (on any device).
@@ -193,23 +193,19 @@ class TensorCIFARAugment:
             ([0.0, 0.0, 0.0, 0.0], [3.0, 2.0, 1.0, 0.0])
         """
         mean, std = self._stats_on(images.device)
-        if not self.train:
-            return images.index_select(0, index).to(torch.float32).div_(255.0).sub_(mean).div_(std)
-        if draws is None:
-            raise ValueError("`draws` (from `draw()`) are required to augment a training batch")
-        height, width = images.shape[-2:]
-        offsets = torch.arange(self.size, device=images.device)
-        top, left, flip = draws[0, :, None], draws[1, :, None], draws[2, :, None].bool()
-        rows = top + offsets - self.padding  # [B, size] source rows, outside [0, H) in the padding
-        cols = left + torch.where(flip, self.size - 1 - offsets, offsets) - self.padding
-        inside = ((rows >= 0) & (rows < height))[:, None, :, None] & ((cols >= 0) & (cols < width))[:, None, None, :]
-        channels = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
-        crops = images[
-            index[:, None, None, None], channels, rows.clamp(0, height - 1)[:, None, :, None],
-            cols.clamp(0, width - 1)[:, None, None, :],
-        ]  # fmt: skip
-        crops = crops * inside  # zero padding
-        return crops.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+        batch = images.index_select(0, index)
+        if self.train:
+            if draws is None:
+                raise ValueError("`draws` (from `draw()`) are required to augment a training batch")
+            p, size = self.padding, self.size
+            batch = torch.nn.functional.pad(batch, (p, p, p, p))  # zeros, as RandomCrop(padding=p)
+            n, channels, _, width = batch.shape
+            offsets = torch.arange(size, device=images.device)
+            rows = draws[0, :, None] + offsets  # [B, size] rows of the crop in the padded image
+            cols = draws[1, :, None] + torch.where(draws[2, :, None].bool(), size - 1 - offsets, offsets)
+            batch = batch.gather(2, rows[:, None, :, None].expand(n, channels, size, width))
+            batch = batch.gather(3, cols[:, None, None, :].expand(n, channels, size, size))
+        return batch.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
     def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``mean`` and ``std`` on ``device`` (copied once per device)."""
