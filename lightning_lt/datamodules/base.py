@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from lightning_lt.datamodules.device import DeviceDataLoader
 from lightning_lt.datamodules.samplers import ResampledSampler, derive_seed
 
-__all__ = ["EpochSeededDataLoader", "LongTailDataModule", "derive_seed"]  # derive_seed: from samplers
+__all__ = ["EpochSeededDataLoader", "LongTailDataModule", "derive_seed"]  # derive_seed is re-exported from samplers
 
 _SAMPLERS = (None, "class_balanced", "sqrt")
 

@@ -88,9 +88,9 @@ class CIFAR10LT(LongTailDataModule):
 
     With ``device_data=True`` the datasets hold the same images as
     :class:`~lightning_lt.datamodules.folder.InMemoryImageDataset` objects (``uint8 [N, 3, 32, 32]``, tensor
-    transforms) and the loaders build every batch on the
-    trainer's device (:class:`~lightning_lt.datamodules.device.DeviceDataLoader`): 38 MB for CIFAR-10-LT at
-    IF = 100 and 31 MB for the test set (33 MB and 31 MB for CIFAR-100-LT), per process.
+    transforms) and the loaders build every batch on the trainer's device
+    (:class:`~lightning_lt.datamodules.device.DeviceDataLoader`): 38 MB for CIFAR-10-LT at IF = 100 and 31 MB
+    for the test set (33 MB and 31 MB for CIFAR-100-LT), per process.
 
     Args:
         root: folder containing ``cifar-10-batches-py`` (downloaded there with ``download=True``).
