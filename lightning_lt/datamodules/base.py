@@ -4,31 +4,18 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any, Literal, Optional
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from lightning_lt.datamodules.samplers import ResampledSampler
+from lightning_lt.datamodules.device import DeviceDataLoader
+from lightning_lt.datamodules.samplers import ResampledSampler, derive_seed
 
-__all__ = ["EpochSeededDataLoader", "LongTailDataModule", "derive_seed"]
+__all__ = ["EpochSeededDataLoader", "LongTailDataModule", "derive_seed"]  # derive_seed is re-exported from samplers
 
 _SAMPLERS = (None, "class_balanced", "sqrt")
-
-
-def derive_seed(seed: int, *keys: int) -> int:
-    """A 32-bit seed derived from ``seed`` and ``keys`` (e.g. epoch, rank) with numpy's ``SeedSequence``.
-
-    Distinct key tuples give independent seeds (unlike ``seed + rank``, where rank 1 of epoch 0 would repeat
-    rank 0 of epoch 1).
-
-    Example:
-        >>> derive_seed(0, 1) == derive_seed(0, 1), derive_seed(0, 1) == derive_seed(0, 2)
-        (True, False)
-    """
-    return int(np.random.SeedSequence([int(seed) % 2**64, *(int(k) for k in keys)]).generate_state(1)[0])
 
 
 class EpochSeededDataLoader(DataLoader):
@@ -78,6 +65,18 @@ class LongTailDataModule(LightningDataModule):
     split (the balanced test split unless a subclass has a separate one), ``test_dataloader`` and
     ``predict_dataloader`` over the test split, in order, with ``eval_batch_size``.
 
+    Device-resident data (``device_data=True``, for subclasses that support it: CIFAR-10-LT / CIFAR-100-LT,
+    :class:`~lightning_lt.datamodules.folder.ImageFolderLT`): every loader is a
+    :class:`~lightning_lt.datamodules.device.DeviceDataLoader` over the same datasets and samplers. The decoded
+    ``uint8`` images are copied once to the trainer's device (``trainer.strategy.root_device``; the CPU without
+    a trainer) and each batch is gathered, cropped, flipped and normalised there; evaluation loaders only
+    normalise. The sample order and DDP shards are those of the worker loaders; the augmentation of an epoch
+    is drawn from ``(global seed, rank, epoch)`` (:meth:`worker_seed`), so a resumed run repeats it.
+    ``num_workers``, ``pin_memory`` and ``persistent_workers`` play no part. Subclasses support it by building,
+    in ``setup()``, datasets with a ``uint8 [N, C, H, W]`` ``images`` tensor, ``targets`` and a
+    :class:`~lightning_lt.datamodules.transforms.TensorCIFARAugment` ``transform``
+    (:class:`~lightning_lt.datamodules.folder.InMemoryImageDataset`) when ``self.device_data`` is set.
+
     Training randomness under DDP and across a resume: the sample order depends on ``(seed, epoch)`` only (the
     sampler starts at the trainer's epoch); data-loader workers are seeded from ``(global seed, rank, epoch)``
     (:class:`EpochSeededDataLoader`), so ranks draw different augmentations and a run resumed at an epoch
@@ -108,6 +107,7 @@ class LongTailDataModule(LightningDataModule):
         pin_memory: ``DataLoader(pin_memory=...)``.
         persistent_workers: keep workers alive between epochs; only applied when ``num_workers > 0``.
         eval_batch_size: batch size of the evaluation loaders (default: ``batch_size``).
+        device_data: serve the images from device memory, augmented per batch on the device (see above).
 
     Raises:
         ValueError: ``batch_size < 1``, ``num_workers < 0``, ``eval_batch_size < 1``, unknown ``sampler``.
@@ -128,6 +128,7 @@ class LongTailDataModule(LightningDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         eval_batch_size: Optional[int] = None,
+        device_data: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -145,6 +146,7 @@ class LongTailDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
+        self.device_data = bool(device_data)
         self._class_counts: Optional[list[int]] = None
         self._class_names: Optional[list[str]] = None
 
@@ -253,11 +255,28 @@ class LongTailDataModule(LightningDataModule):
         random state alone and ranks draw different augmentations in their workers."""
         return {**self._loader_kwargs(), "generator": torch.Generator().manual_seed(self.worker_seed())}
 
+    def data_device(self) -> torch.device:
+        """Where the device-resident loaders keep the images and build the batches: the trainer's root device
+        (this process's accelerator under DDP), the CPU without a trainer."""
+        strategy = getattr(self.trainer, "strategy", None)
+        return torch.device("cpu") if strategy is None else strategy.root_device
+
+    def device_loader(
+        self, dataset: Dataset, batch_size: int, sampler: Optional[Sampler], seed: Optional[int] = None
+    ) -> DeviceDataLoader:
+        """The :class:`~lightning_lt.datamodules.device.DeviceDataLoader` of ``dataset`` with ``sampler`` (in order
+        when ``None``) on :meth:`data_device`; ``seed``: base of the augmentation seeds (training)."""
+        return DeviceDataLoader(dataset, batch_size=batch_size, sampler=sampler, device=self.data_device(), seed=seed)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled (or re-sampled) training batches; an :class:`EpochSeededDataLoader`, so the workers' seeds
-        depend only on ``(global seed, rank, epoch)`` and a resumed run repeats them."""
+        depend only on ``(global seed, rank, epoch)`` and a resumed run repeats them. With ``device_data``, a
+        :class:`~lightning_lt.datamodules.device.DeviceDataLoader` with the same sampler, whose augmentation is
+        seeded from ``(worker_seed(), epoch)``."""
         dataset = self._require("train_dataset")
         sampler = self.shuffle_sampler(dataset) if self.sampler is None else self.build_sampler()
+        if self.device_data:
+            return self.device_loader(dataset, self.batch_size, sampler, seed=self.worker_seed())
         kwargs = self.train_loader_kwargs()
         return EpochSeededDataLoader(
             dataset, batch_size=self.batch_size, sampler=sampler, worker_seed=self.worker_seed(), **kwargs
@@ -285,6 +304,8 @@ class LongTailDataModule(LightningDataModule):
         return UnrepeatedDistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=False)
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        if self.device_data:
+            return self.device_loader(dataset, self.eval_batch_size, self.eval_sampler(dataset))
         return DataLoader(
             dataset, batch_size=self.eval_batch_size, shuffle=False, sampler=self.eval_sampler(dataset),
             **self._loader_kwargs(),

@@ -6,9 +6,11 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import numpy as np
+import torch
 import torchvision
 
 from lightning_lt.datamodules.base import LongTailDataModule
+from lightning_lt.datamodules.folder import InMemoryImageDataset
 from lightning_lt.datamodules.profiles import imbalance_counts, long_tailed_indices
 from lightning_lt.datamodules.transforms import (
     CIFAR10_MEAN,
@@ -16,6 +18,8 @@ from lightning_lt.datamodules.transforms import (
     CIFAR100_MEAN,
     CIFAR100_STD,
     cifar_eval_transform,
+    cifar_tensor_eval_transform,
+    cifar_tensor_train_transform,
     cifar_train_transform,
 )
 
@@ -82,13 +86,19 @@ class CIFAR10LT(LongTailDataModule):
     the md5 sums of these files are not checked on load (see ``_UncheckedCIFAR10``).
     ``self.train_indices`` holds the indices of the kept images in the original training set.
 
+    With ``device_data=True`` the datasets hold the same images as
+    :class:`~lightning_lt.datamodules.folder.InMemoryImageDataset` objects (``uint8 [N, 3, 32, 32]``, tensor
+    transforms) and the loaders build every batch on the trainer's device
+    (:class:`~lightning_lt.datamodules.device.DeviceDataLoader`): 38 MB for CIFAR-10-LT at IF = 100 and 31 MB
+    for the test set (33 MB and 31 MB for CIFAR-100-LT), per process.
+
     Args:
         root: folder containing ``cifar-10-batches-py`` (downloaded there with ``download=True``).
         imbalance_factor: ``n_max / n_min`` >= 1 (1 = the full balanced training set).
         profile: ``"exp"`` or ``"step"``.
         download: download the archive in ``prepare_data()`` when the files are missing.
         imbalance_seed: numpy seed of the image selection (0 in LDAM-DRW).
-        batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size:
+        batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size, device_data:
             see :class:`~lightning_lt.datamodules.base.LongTailDataModule`.
 
     Raises:
@@ -121,6 +131,7 @@ class CIFAR10LT(LongTailDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         eval_batch_size: Optional[int] = None,
+        device_data: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -130,6 +141,7 @@ class CIFAR10LT(LongTailDataModule):
             pin_memory=pin_memory,
             persistent_workers=persistent_workers,
             eval_batch_size=eval_batch_size,
+            device_data=device_data,
         )
         # validates imbalance_factor and profile right away (cheap)
         imbalance_counts(self._n_max, len(self._class_names_const), imbalance_factor, profile)
@@ -176,11 +188,17 @@ class CIFAR10LT(LongTailDataModule):
             dataset.data = dataset.data[indices]
             dataset.targets = targets[indices].tolist()
             self.train_indices = indices
-            self.train_dataset = dataset
+            self.train_dataset = self._in_memory(dataset, train=True) if self.device_data else dataset
         if self.test_dataset is None:
-            self.test_dataset = self._dataset_cls(
-                self.root, train=False, transform=cifar_eval_transform(self._mean, self._std)
-            )
+            dataset = self._dataset_cls(self.root, train=False, transform=cifar_eval_transform(self._mean, self._std))
+            self.test_dataset = self._in_memory(dataset, train=False) if self.device_data else dataset
+
+    def _in_memory(self, dataset: torchvision.datasets.CIFAR10, train: bool) -> InMemoryImageDataset:
+        """The images of a torchvision CIFAR dataset as a ``uint8 [N, 3, 32, 32]`` tensor dataset with the tensor
+        transforms (same pixels and, for the same draws, the same augmentation as the PIL path)."""
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        transform = (cifar_tensor_train_transform if train else cifar_tensor_eval_transform)(self._mean, self._std)
+        return InMemoryImageDataset(images, dataset.targets, transform)
 
     def train_targets(self) -> list[int]:
         if self.train_dataset is None:

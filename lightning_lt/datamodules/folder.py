@@ -133,7 +133,10 @@ class ImageFolderLT(LongTailDataModule):
     by ``mean`` / ``std``; evaluation: resize + normalisation. With ``in_memory=True`` all selected
     training and test images are decoded once in ``setup()`` into ``uint8`` tensors and augmented as
     tensors (fast CPU epochs for small images); the result is pixel-identical to the file-based path for
-    the same random draws.
+    the same random draws. With ``device_data=True`` the images are decoded in the same way (every image
+    resized to ``image_size`` x ``image_size``) and the loaders build the batches on the trainer's device
+    (:class:`~lightning_lt.datamodules.device.DeviceDataLoader`): ``N * 3 * image_size**2`` bytes per split
+    and process (the selected training images and the test images) must fit in device memory.
 
     Args:
         root: folder holding ``train_dir`` and ``test_dir``.
@@ -146,7 +149,7 @@ class ImageFolderLT(LongTailDataModule):
         in_memory: decode all images once in ``setup()`` and keep them in memory.
         mean: normalisation mean (default: CIFAR-10's).
         std: normalisation standard deviation (default: CIFAR-10's).
-        batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size:
+        batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size, device_data:
             see :class:`~lightning_lt.datamodules.base.LongTailDataModule`.
 
     Raises:
@@ -175,6 +178,7 @@ class ImageFolderLT(LongTailDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         eval_batch_size: Optional[int] = None,
+        device_data: bool = False,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -184,6 +188,7 @@ class ImageFolderLT(LongTailDataModule):
             pin_memory=pin_memory,
             persistent_workers=persistent_workers,
             eval_batch_size=eval_batch_size,
+            device_data=device_data,
         )
         check_imbalance_arguments(imbalance_factor, profile)
         if image_size < 1:
@@ -308,7 +313,7 @@ class ImageFolderLT(LongTailDataModule):
         pad = max(self.image_size // 8, 1)
         if stage in (None, "fit") and self.train_dataset is None:
             files, labels = self.train_files(), self.train_targets()
-            if self.in_memory:
+            if self.in_memory or self.device_data:
                 images = decode_images(files, self.image_size)
                 transform = cifar_tensor_train_transform(self.mean, self.std, size=self.image_size, padding=pad)
                 self.train_dataset = InMemoryImageDataset(images, labels, transform)
@@ -319,7 +324,7 @@ class ImageFolderLT(LongTailDataModule):
                 self.train_dataset = ImageFileDataset(files, labels, transform)
         if self.test_dataset is None:
             files, labels = self.test_files()
-            if self.in_memory:
+            if self.in_memory or self.device_data:
                 images = decode_images(files, self.image_size)
                 self.test_dataset = InMemoryImageDataset(images, labels, cifar_tensor_eval_transform(self.mean, self.std))
             else:

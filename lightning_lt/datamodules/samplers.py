@@ -1,13 +1,27 @@
-"""Class-aware re-sampling that stays correct under DDP."""
+"""Class-aware re-sampling that stays correct under DDP, and the seeds of per-epoch, per-rank randomness."""
 
 import math
 from collections.abc import Iterator, Sequence
 from typing import Literal, Optional
 
+import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-__all__ = ["ResampledSampler"]
+__all__ = ["ResampledSampler", "derive_seed"]
+
+
+def derive_seed(seed: int, *keys: int) -> int:
+    """A 32-bit seed derived from ``seed`` and ``keys`` (e.g. epoch, rank) with numpy's ``SeedSequence``.
+
+    Distinct key tuples give independent seeds (unlike ``seed + rank``, where rank 1 of epoch 0 would repeat
+    rank 0 of epoch 1).
+
+    Example:
+        >>> derive_seed(0, 1) == derive_seed(0, 1), derive_seed(0, 1) == derive_seed(0, 2)
+        (True, False)
+    """
+    return int(np.random.SeedSequence([int(seed) % 2**64, *(int(k) for k in keys)]).generate_state(1)[0])
 
 _MODES = {"class_balanced": 0.0, "sqrt": 0.5}
 

@@ -7,7 +7,9 @@ ImageNet-LT / Places-LT / iNaturalist: ``RandomResizedCrop(224)``, ``RandomHoriz
 The ``*_tensor_*`` variants (:class:`TensorCIFARAugment`) take ``uint8`` ``[3, H, W]`` tensors
 (images decoded once and kept in memory) and give the same output as the PIL versions for the same
 torch RNG state: they draw crop offsets and flips like torchvision, pad with zeros, and scale by 1/255
-like ``ToTensor`` before normalising.
+like ``ToTensor`` before normalising. :meth:`TensorCIFARAugment.apply_batch` does the same to a whole
+batch gathered from an image tensor on any device, for given per-sample draws (the device-resident path,
+:mod:`lightning_lt.datamodules.device`).
 """
 
 from collections.abc import Sequence
@@ -102,6 +104,10 @@ class TensorCIFARAugment:
     row, ``randint`` for the column, ``rand(1) < 0.5`` for the flip), so for the same RNG state it returns
     the same tensor as :func:`cifar_train_transform` applied to the PIL image.
     With ``train=False`` it only converts and normalises.
+
+    Batched form (the device-resident path): :meth:`draw` draws the crop offsets and flips of ``n`` samples
+    from a generator, and :meth:`apply_batch` gathers, crops, flips and normalises a batch of them in a few
+    tensor operations on the images' device. For the same draws the output equals the PIL transform's.
     """
 
     def __init__(
@@ -117,6 +123,7 @@ class TensorCIFARAugment:
         self.size = size
         self.padding = padding
         self.train = train
+        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         if self.train:
@@ -133,6 +140,78 @@ class TensorCIFARAugment:
             if torch.rand(1) < 0.5:
                 image = image.flip(-1)
         return image.to(torch.float32).div_(255.0).sub_(self.mean).div_(self.std)
+
+    def draw(self, n: int, height: int, width: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Crop offsets and flips of ``n`` samples of ``height`` x ``width`` images, as a ``[3, n]`` int64 tensor.
+
+        Row ``0`` is the crop's top and row ``1`` its left edge in the zero-padded image (uniform in
+        ``[0, height + 2 * padding - size]`` and ``[0, width + 2 * padding - size]``, as torchvision's
+        ``RandomCrop.get_params``), row ``2`` is 1 where the crop is flipped (``rand < 0.5``, as
+        ``RandomHorizontalFlip``). Drawn on the CPU from ``generator`` (torch's global one if ``None``).
+
+        Raises:
+            ValueError: the crop is larger than the padded image.
+
+        Example:
+            >>> draws = TensorCIFARAugment().draw(4, 32, 32, torch.Generator().manual_seed(0))
+            >>> draws.shape, bool(draws[:2].max() <= 8), sorted(set(draws[2].tolist())) <= [0, 1]
+            (torch.Size([3, 4]), True, True)
+        """
+        rows, cols = height + 2 * self.padding - self.size + 1, width + 2 * self.padding - self.size + 1
+        if rows < 1 or cols < 1:
+            raise ValueError(
+                f"Crop size {self.size} is larger than the padded image {(height + 2 * self.padding, width + 2 * self.padding)}"
+            )
+        top = torch.randint(0, rows, (n,), generator=generator)
+        left = torch.randint(0, cols, (n,), generator=generator)
+        flip = (torch.rand(n, generator=generator) < 0.5).long()
+        return torch.stack([top, left, flip])
+
+    def apply_batch(
+        self, images: torch.Tensor, index: torch.Tensor, draws: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The transform of ``images[index]`` for the given ``draws``, as one batch: ``float32 [B, C, size, size]``.
+
+        The batch is gathered, zero-padded by ``p = padding``, and output pixel ``(a, b)`` of sample ``k`` is pixel
+        ``(top + a, left + b')`` of its padded image (``b' = size - 1 - b`` when flipped, ``b`` otherwise), then
+        ``(x / 255 - mean) / std``: a handful of tensor operations on the device of ``images``. With
+        ``train=False`` only the gather and the normalisation.
+
+        Args:
+            images: ``uint8 [N, C, H, W]``, all images of the data set (on any device).
+            index: ``int64 [B]`` rows of ``images`` (on the same device).
+            draws: ``int64 [3, B]`` from :meth:`draw` (on the same device); required when ``train``.
+
+        Example:
+            >>> images = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).reshape(2, 3, 4, 4)
+            >>> augment = TensorCIFARAugment((0.0, 0.0, 0.0), (1.0, 1.0, 1.0), size=4, padding=1)
+            >>> no_move = torch.tensor([[1], [1], [0]])  # top 1, left 1 in the padded image: the image itself
+            >>> torch.equal(augment.apply_batch(images, torch.tensor([1]), no_move), images[1:].float() / 255)
+            True
+            >>> flipped = augment.apply_batch(images, torch.tensor([0]), torch.tensor([[0], [1], [1]]))  # one row up
+            >>> (flipped[0, 0, 0] * 255).tolist(), (flipped[0, 0, 1] * 255).round().tolist()
+            ([0.0, 0.0, 0.0, 0.0], [3.0, 2.0, 1.0, 0.0])
+        """
+        mean, std = self._stats_on(images.device)
+        batch = images.index_select(0, index)
+        if self.train:
+            if draws is None:
+                raise ValueError("`draws` (from `draw()`) are required to augment a training batch")
+            p, size = self.padding, self.size
+            batch = torch.nn.functional.pad(batch, (p, p, p, p))  # zeros, as RandomCrop(padding=p)
+            n, channels, _, width = batch.shape
+            offsets = torch.arange(size, device=images.device)
+            rows = draws[0, :, None] + offsets  # [B, size] rows of the crop in the padded image
+            cols = draws[1, :, None] + torch.where(draws[2, :, None].bool(), size - 1 - offsets, offsets)
+            batch = batch.gather(2, rows[:, None, :, None].expand(n, channels, size, width))
+            batch = batch.gather(3, cols[:, None, None, :].expand(n, channels, size, size))
+        return batch.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+    def _stats_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``mean`` and ``std`` on ``device`` (copied once per device)."""
+        if device not in self._device_stats:
+            self._device_stats[device] = (self.mean.to(device), self.std.to(device))
+        return self._device_stats[device]
 
     def __repr__(self) -> str:
         return (

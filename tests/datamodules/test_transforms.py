@@ -1,7 +1,10 @@
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 
 from lightning_lt.datamodules import transforms as tf
 
@@ -34,3 +37,75 @@ def test_imagenet_transforms_shapes():
     assert tf.imagenet_eval_transform(96)(big).shape == (3, 96, 96)
     # evaluation resizes the short side to size * 256 / 224 before the center crop
     assert tf.imagenet_eval_transform(224).transforms[0].size == 256
+
+
+# ------------------------------------------------------------------ batched form (device-resident path)
+def pil_transform_with_draws(transform, image, top: int, left: int, flip: int) -> torch.Tensor:
+    """The PIL training transform (``RandomCrop(size, padding)`` + ``RandomHorizontalFlip`` + ``ToTensor`` +
+    ``Normalize``) made to use the given crop offsets and flip decision instead of drawing its own."""
+    crop, flipper = transform.transforms[-4], transform.transforms[-3]
+    assert isinstance(crop, T.RandomCrop) and isinstance(flipper, T.RandomHorizontalFlip)
+    size = crop.size
+    with mock.patch.object(T.RandomCrop, "get_params", return_value=(top, left, size[0], size[1])) as params, \
+            mock.patch.object(flipper, "p", float(flip)):  # rand() < 1 always flips, rand() < 0 never
+        out = transform(image)
+    params.assert_called_once()
+    return out
+
+
+def test_batch_augment_equals_the_pil_transform_for_the_same_draws():
+    """`apply_batch` crops, flips and normalises a whole batch (gathered by index) exactly as torchvision's
+    RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize do each image, for the same crop
+    offsets and flips: every corner offset and both flips, plus random draws."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    pils = [Image.fromarray(p) for p in pixels]
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    augment = tf.cifar_tensor_train_transform(tf.CIFAR100_MEAN, tf.CIFAR100_STD)
+    pil = tf.cifar_train_transform(tf.CIFAR100_MEAN, tf.CIFAR100_STD)
+    corners = torch.tensor([[t, l, f] for t in (0, 8) for l in (0, 8) for f in (0, 1)]).T  # noqa: E741
+    draws = torch.cat([corners, augment.draw(40, 32, 32, torch.Generator().manual_seed(1))], dim=1)
+    assert set(draws[0].tolist()) == set(range(9)) and set(draws[2].tolist()) == {0, 1}
+    index = torch.arange(draws.shape[1]) % len(pils)
+    batch = augment.apply_batch(images, index, draws)
+    assert batch.shape == (draws.shape[1], 3, 32, 32) and batch.dtype == torch.float32
+    for k in range(draws.shape[1]):
+        top, left, flip = draws[:, k].tolist()
+        expected = pil_transform_with_draws(pil, pils[int(index[k])], top, left, flip)
+        torch.testing.assert_close(batch[k], expected, rtol=0, atol=0)
+
+
+def test_batch_augment_with_other_sizes_and_padding():
+    """A 12x10 image, crop 8, padding 1 (the folder path's image_size // 8 rule at 8 px), against the PIL transform."""
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (3, 12, 10, 3), dtype=np.uint8)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    augment = tf.cifar_tensor_train_transform(size=8, padding=1)
+    pil = tf.cifar_train_transform(size=8, padding=1)
+    draws = augment.draw(30, 12, 10, torch.Generator().manual_seed(2))
+    assert draws[0].max() <= 12 + 2 - 8 and draws[1].max() <= 10 + 2 - 8
+    index = torch.arange(30) % 3
+    batch = augment.apply_batch(images, index, draws)
+    for k in range(30):
+        expected = pil_transform_with_draws(pil, Image.fromarray(pixels[int(index[k])]), *draws[:, k].tolist())
+        torch.testing.assert_close(batch[k], expected, rtol=0, atol=0)
+
+
+def test_batch_eval_equals_the_pil_eval_transform(image):
+    images = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].repeat(2, 1, 1, 1)
+    batch = tf.cifar_tensor_eval_transform().apply_batch(images, torch.tensor([1, 0, 1]))
+    for x in batch:
+        torch.testing.assert_close(x, tf.cifar_eval_transform()(image), rtol=0, atol=0)
+
+
+def test_batch_draws_follow_the_generator_and_check_the_crop():
+    augment = tf.cifar_tensor_train_transform()
+    a = augment.draw(500, 32, 32, torch.Generator().manual_seed(3))
+    b = augment.draw(500, 32, 32, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, augment.draw(500, 32, 32, torch.Generator().manual_seed(4)))
+    assert a.shape == (3, 500) and a[:2].min() == 0 and a[:2].max() == 8
+    assert 0.4 < a[2].float().mean() < 0.6
+    with pytest.raises(ValueError, match="larger than the padded image"):
+        tf.cifar_tensor_train_transform(size=48).draw(1, 32, 32)
+    with pytest.raises(ValueError, match="draws"):
+        augment.apply_batch(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.tensor([0]))
