@@ -199,10 +199,11 @@ def build_backbone(args: argparse.Namespace) -> torch.nn.Module:
     return EfficientNetLite(args.backbone, pretrained=args.pretrained, trainable_layers=args.trainable_layers)
 
 
-def build_model(dm: ImageFolderLT, method: Method, schedule: Schedule, args: argparse.Namespace) -> LongTailClassifier:
-    lr = args.lr
+def build_model(dm: ImageFolderLT, method: Method, schedule: Schedule, lr: float,
+                backbone: torch.nn.Module | None = None) -> LongTailClassifier:
+    """``method``'s classifier; ``backbone`` defaults to ResNet-32 (see :func:`build_backbone`)."""
     return LongTailClassifier(
-        backbone=build_backbone(args),
+        backbone=backbone if backbone is not None else CIFARResNet(depth=32),
         num_classes=dm.num_classes,
         class_counts=dm.class_counts,
         class_names=dm.class_names,
@@ -227,7 +228,7 @@ def train_method(name: str, dm: ImageFolderLT, args: argparse.Namespace, seed: i
     method = METHODS[name]
     schedule = Schedule(args.epochs, args.lr_gamma)
     seed_everything(seed, workers=True)
-    model = build_model(dm, method, schedule, args)
+    model = build_model(dm, method, schedule, args.lr, build_backbone(args))
     throughput = TrainThroughput(skip_epochs=1 if args.epochs > 1 else 0)
     best = BestEpoch()
     suffix = f"-seed{seed}" if len(args.seeds) > 1 else ""
