@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         old = json.loads(path.read_text())
         rows = {row["name"]: row for row in old["rows"]}
         setup["rows"] = dict(old["setup"].get("rows", {}))
+        setup["notes"] = list(old["setup"].get("notes", []))  # the kept rows' notes stay in the markdown
     for name in args.rows:
         module = importlib.import_module(ROWS[name])
         row, row_setup = module.run(args)
@@ -66,7 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(row), flush=True)
     ordered = [rows[n] for n in ROWS if n in rows]
     columns = sorted({k for row in ordered for k in row if k != "name"})
-    write_results(args.name, setup, ordered, columns, args.note)
+    notes = [*setup.pop("notes", []), *args.note]
+    write_results(args.name, setup, ordered, columns, notes)
+    results = json.loads(path.read_text())  # keep the notes in the JSON too, for the next --keep-rows run
+    results["setup"]["notes"] = notes
+    path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
 
 
