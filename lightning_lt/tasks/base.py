@@ -71,6 +71,7 @@ class TaskModule(LightningModule):
         # DDP with unequal shards (``self.log(..., sync_dist=True)`` averages the batch-size weights in an
         # integer tensor and would be off by N / (N - 1) for an odd number of samples).
         self.eval_losses = nn.ModuleDict({"val": WeightedMean(), "test": WeightedMean()})
+        self.per_class_values = {}
 
     def on_train_epoch_start(self) -> None:
         """With ``seed_everything(s)`` (``PL_GLOBAL_SEED``), reseed the global random generators (torch, numpy,
@@ -98,20 +99,16 @@ class TaskModule(LightningModule):
         in :attr:`per_class_values` ``[stage]`` (every rank holds the same, synchronised numbers).
         """
         keys = [f"{stage}/{kind}/{safe_metric_key(name)}" for name in names]
+        per_class = dict(zip(keys, values.detach().cpu().tolist()))
         if len(keys) <= self.per_class_scalars_max:
             # torchmetrics has synchronised the values already; sync_dist only averages equal numbers.
             self.log_dict(dict(zip(keys, values)), sync_dist=True)
-            floats = values.detach().cpu().tolist()
         else:
-            floats = values.detach().cpu().tolist()
             trainer = self._trainer
             if trainer is not None and not trainer.sanity_checking and trainer.is_global_zero:
-                metrics = dict(zip(keys, floats))
                 for logger in trainer.loggers:
-                    logger.log_metrics(metrics, step=trainer.global_step)
-        if not hasattr(self, "per_class_values"):
-            self.per_class_values = {}
-        self.per_class_values[stage] = dict(zip(keys, floats))
+                    logger.log_metrics(per_class, step=trainer.global_step)
+        self.per_class_values[stage] = per_class
 
     def update_eval_loss(self, stage: str, loss: Tensor, num_samples: int) -> None:
         """Add a batch's mean ``loss`` over ``num_samples`` samples to the ``stage`` loss (0 samples is allowed)."""
