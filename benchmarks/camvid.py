@@ -57,8 +57,8 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     InputRenormalization,
     aggregate_seeds,
+    describe_effect,
     default_shared_data,
-    effect_in_stds,
     environment,
     set_threads,
     write_results,
@@ -186,13 +186,9 @@ def effect_notes(by_name: dict[str, dict[str, Any]], n_seeds: int) -> list[str]:
     for name, row in by_name.items():
         if name == "CE":
             continue
-        effect = effect_in_stds(by_name["CE"], row, "miou_tail")
-        direction = "holds" if effect["diff"] > 0 else "does not hold"
-        lines.append(
-            f"- {name}: d = {effect['diff']:+.4f}, {effect['diff_over_pooled_std']:+.2f} pooled stds, "
-            f"{effect.get('diff_over_paired_std', float('nan')):+.2f} paired stds: the published direction "
-            f"({name} > CE on tail mIoU) {direction} here."
-        )
+        diff, text = describe_effect(by_name["CE"], row, "miou_tail")
+        direction = "holds" if diff > 0 else "does not hold"
+        lines.append(f"- {name}: {text}: the published direction ({name} > CE on tail mIoU) {direction} here.")
     return lines
 
 

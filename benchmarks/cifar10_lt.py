@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, TrainThroughput, aggregate_seeds, default_shared_data, effect_in_stds, environment, set_threads, synchronize, write_results  # noqa: E402
+from common import RESULTS_DIR, TrainThroughput, aggregate_seeds, default_shared_data, describe_effect, environment, set_threads, synchronize, write_results  # noqa: E402
 
 from lightning_lt.callbacks import SAM, SSESAM, DeferredReweighting, ImbSAM  # noqa: E402
 from lightning_lt.datamodules import ImageFolderLT  # noqa: E402
@@ -283,9 +283,7 @@ def effect_notes(rows: Sequence[dict[str, Any]], n_seeds: int) -> list[str]:
         for key in ("acc_medium", "acc"):
             if row.get(key) is None or by_name["CE"].get(key) is None:
                 continue
-            e = effect_in_stds(by_name["CE"], row, key)
-            paired = f", {e['diff_over_paired_std']:+.2f} paired" if "diff_over_paired_std" in e else ""
-            parts.append(f"{key} d = {e['diff']:+.4f} ({e['diff_over_pooled_std']:+.2f} pooled std{paired})")
+            parts.append(f"{key}: {describe_effect(by_name['CE'], row, key)[1]}")
         lines.append(f"- {name}: " + "; ".join(parts))
     return lines
 

@@ -186,6 +186,23 @@ def _sample_std(values: Sequence[float]) -> float:
     return statistics.stdev(values)
 
 
+def describe_effect(base: Mapping[str, Any], other: Mapping[str, Any], key: str) -> tuple[float, str]:
+    """``(d, text)`` for a results note: :func:`effect_in_stds` of ``other`` against ``base`` on ``key`` as
+    ``"d = +0.0123, +1.23 pooled stds, +2.34 paired stds"`` (the paired part only when the rows share their seeds).
+
+    Example:
+        >>> base = aggregate_seeds([{"seed": 0, "x": 1.0}, {"seed": 1, "x": 2.0}])
+        >>> other = aggregate_seeds([{"seed": 0, "x": 2.0}, {"seed": 1, "x": 3.5}])
+        >>> describe_effect(base, other, "x")
+        (1.25, 'd = +1.2500, +1.39 pooled stds, +3.54 paired stds')
+    """
+    effect = effect_in_stds(base, other, key)
+    text = f"d = {effect['diff']:+.4f}, {effect['diff_over_pooled_std']:+.2f} pooled stds"
+    if "diff_over_paired_std" in effect:
+        text += f", {effect['diff_over_paired_std']:+.2f} paired stds"
+    return effect["diff"], text
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else math.nan
 

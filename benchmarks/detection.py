@@ -48,8 +48,8 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     TrainThroughput,
     aggregate_seeds,
+    describe_effect,
     default_shared_data,
-    effect_in_stds,
     environment,
     set_threads,
     write_results,
@@ -121,11 +121,9 @@ def effect_notes(rows: list[dict[str, Any]], n_seeds: int) -> list[str]:
         focal, free = by_name.get(f"{arch}-focal"), by_name.get(f"{arch}-SF")
         if n_seeds < 2 or focal is None or free is None:
             continue
-        effect = effect_in_stds(focal, free, "map")
-        holds = "holds" if effect["diff"] >= 0 else "does not hold"
-        paired = (f", {effect['diff_over_paired_std']:+.2f} paired std" if "diff_over_paired_std" in effect else "")
-        lines.append(f"{arch}: sampling-free >= focal on map (the paper's direction) {holds} here: "
-                     f"d = {effect['diff']:+.4f} = {effect['diff_over_pooled_std']:+.2f} pooled std{paired} "
+        diff, text = describe_effect(focal, free, "map")
+        holds = "holds" if diff >= 0 else "does not hold"
+        lines.append(f"{arch}: sampling-free >= focal on map (the paper's direction) {holds} here: {text} "
                      f"over {n_seeds} seeds.")
     return lines
 

@@ -51,8 +51,8 @@ from common import (  # noqa: E402
     RESULTS_DIR,
     InputRenormalization,
     aggregate_seeds,
+    describe_effect,
     default_shared_data,
-    effect_in_stds,
     environment,
     set_threads,
     write_results,
@@ -130,13 +130,9 @@ def effect_notes(rows: list[dict[str, Any]], n_seeds: int) -> list[str]:
              "negative = lower FPR95; pooled std = sqrt((s_BCE^2 + s_OE^2) / 2), sample stds; paired std = sample "
              "std of the per-seed differences, same seed = same head initialisation and ID data order):"]
     for score in OOD_SCORES:
-        effect = effect_in_stds(by_name["BCE"], by_name["BCE+OE-gap"], f"fpr95_{score}")
-        direction = "holds" if effect["diff"] < 0 else "does not hold"
-        lines.append(
-            f"- fpr95_{score}: d = {effect['diff']:+.4f}, {effect['diff_over_pooled_std']:+.2f} pooled stds, "
-            f"{effect.get('diff_over_paired_std', float('nan')):+.2f} paired stds: the published direction "
-            f"(BCE+OE-gap lowers FPR95) {direction} here."
-        )
+        diff, text = describe_effect(by_name["BCE"], by_name["BCE+OE-gap"], f"fpr95_{score}")
+        direction = "holds" if diff < 0 else "does not hold"
+        lines.append(f"- fpr95_{score}: {text}: the published direction (BCE+OE-gap lowers FPR95) {direction} here.")
     return lines
 
 
