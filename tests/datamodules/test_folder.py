@@ -193,8 +193,10 @@ def test_missing_test_dir(tmp_path):
 
 def test_too_few_images_for_the_profile(tmp_path):
     write_image_folder(str(tmp_path / "train"), {"a": 10, "b": 2, "c": 10})
-    with pytest.raises(ValueError, match=r"Class 1 has 2 images"):
+    with pytest.raises(ValueError, match=r"Class 1 \('b'\) has 2 images .* asks for 7") as info:
         ImageFolderLT(str(tmp_path), imbalance_factor=2).class_counts  # asks [10, 7, 5]
+    for fix in ("HINT", "`n_max: min`", "`cap_to_available: true`"):  # the message names the options that fix it
+        assert fix in str(info.value)
 
 
 def test_bad_arguments(tmp_path):
