@@ -227,7 +227,7 @@ class LongTailDataModule(LightningDataModule):
         self.val_fraction = float(val_fraction)
         self._class_counts: Optional[list[int]] = None
         self._class_names: Optional[list[str]] = None
-        self._split: Optional[tuple[np.ndarray, np.ndarray]] = None
+        self._val_split: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     # ------------------------------------------------------------------ class statistics (lazy)
     @property
@@ -295,7 +295,7 @@ class LongTailDataModule(LightningDataModule):
         Raises:
             ValueError: the hold-out leaves a class without a training image (names the class and the fix).
         """
-        if self._split is None:
+        if self._val_split is None:
             pool = np.asarray(self._pool_targets(), dtype=np.int64)
             pool_counts = np.bincount(pool, minlength=pool.max() + 1 if pool.size else 0).tolist()
             held = self._pool_held_out_counts(pool_counts)
@@ -311,8 +311,8 @@ class LongTailDataModule(LightningDataModule):
                     f"{1 - 0.5 / smallest:.3g} (a class of {smallest} image(s) then keeps one), or give an explicit "
                     f"validation set."
                 )
-            self._split = stratified_holdout(pool, held, derive_seed(self.seed, VAL_SPLIT_KEY))
-        return self._split
+            self._val_split = stratified_holdout(pool, held, derive_seed(self.seed, VAL_SPLIT_KEY))
+        return self._val_split
 
     def _refuse_transforms_on_device(self, **transforms: Optional[Callable]) -> None:
         """With ``device_data``, refuse user transforms (the device path runs only the built-in CIFAR augmentation)."""

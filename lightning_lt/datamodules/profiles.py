@@ -270,9 +270,8 @@ def stratified_holdout(targets: Sequence[int], held_out: Sequence[int], seed: in
         positions = np.flatnonzero(targets_np == c)
         if not 0 <= n <= positions.size:
             raise ValueError(f"Cannot hold out {n} of the {positions.size} images of class {c}")
-        if n:
-            held.append(positions[rng.permutation(positions.size)[:n]])
-    held_np = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
+        held.append(positions[rng.permutation(positions.size)[:n]])
+    held_np = np.sort(np.concatenate(held)).astype(np.int64) if held else np.zeros(0, dtype=np.int64)
     mask = np.ones(targets_np.size, dtype=bool)
     mask[held_np] = False
     return np.flatnonzero(mask).astype(np.int64), held_np.astype(np.int64)
