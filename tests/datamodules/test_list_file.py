@@ -139,7 +139,8 @@ def test_validation_sources_are_checked(imagenet_lt):
     with pytest.raises(ValueError, match=r"neither `val_list` nor `test_list`.*HINT"):
         make(imagenet_lt, val_list=None)
     dm = make(imagenet_lt, val_list=None, test_list="ImageNet_LT_test.txt", val_fraction=0.6)
-    with pytest.raises(ValueError, match=r"holds out all 1 training image\(s\) of class 2.*HINT: use `val_fraction` < 0.5"):
+    message = r"holds out all 1 training image\(s\) of class 2.*HINT: use `val_fraction` < 0.5"
+    with pytest.raises(ValueError, match=message):
         dm.class_counts
 
 

@@ -173,7 +173,9 @@ class RecordSplit(LightningModule):
 def test_the_split_is_identical_on_two_ddp_processes(root, tmp_path):
     """Each process computes the split from the listing and the seed: the same files on both ranks, equal to the
     single-process split, and the validation loader shards it without repeating an image."""
-    make = lambda: ImageFolderLT(root, val_fraction=0.3, seed=5, image_size=12, batch_size=4, num_workers=0)  # noqa: E731
+    def make() -> ImageFolderLT:
+        return ImageFolderLT(root, val_fraction=0.3, seed=5, image_size=12, batch_size=4, num_workers=0)
+
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy=DDP_STRATEGY, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
