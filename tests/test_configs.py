@@ -1,15 +1,18 @@
 """Every config in configs/ runs `lightning-lt fit --trainer.fast_dev_run=true`, with data paths overridden."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from lightning_lt.cli import main
+from lightning_lt.cli import LightningLTCLI, main
 from tests.datamodules.test_cifar import make_cifar10, make_cifar100
 from tests.datamodules import test_detection as detection_data
 from tests.datamodules.test_multilabel import VOC_OBJECTS, VOC_SETS, make_voc
 from tests.datamodules.test_segmentation import make_ade20k, make_cityscapes
+from tests.datamodules.utils import write_digit_folder
 from tests.helpers import REPO_ROOT, shared_data_dir
 
 #: Folders of partial configs (presets added to a full config with a second ``--config``) and W&B sweep files,
@@ -42,7 +45,12 @@ def fake_data_roots(tmp_path_factory) -> dict[str, str]:
         tmp_path_factory.mktemp("voc_det") / "VOCdevkit", detection_data.VOC_OBJECTS,
         {"trainval": ["000001", "000002", "000003"], "test": ["000001", "000002"]},
     )
-    return {"ADE20K": str(ade), "Cityscapes": str(city), "VOCMultiLabel": str(voc), "VOCDetection": str(voc_det)}
+    digits = tmp_path_factory.mktemp("own_data")
+    write_digit_folder(str(digits), [30, 24, 18, 14, 11, 9, 7, 5, 4, 3], test_per_class=2)  # MNIST-style, grayscale
+    return {
+        "ADE20K": str(ade), "Cityscapes": str(city), "VOCMultiLabel": str(voc), "VOCDetection": str(voc_det),
+        "own_data": str(digits),
+    }
 
 
 #: Segmentation configs train a small network on small crops in the smoke test (the configs' own
@@ -80,6 +88,8 @@ def data_overrides(config: Path, fake_cifar_root: str, data_roots: dict[str, str
             return [f"--data.init_args.root={root}", "--data.init_args.pixel_counts_file=null", *SEGMENTATION_SMOKE]
     if "lightning_lt.datamodules.CIFAR" in text:
         return [f"--data.init_args.root={fake_cifar_root}", "--data.init_args.num_workers=0"]
+    if config.name == "own_data.yaml":
+        return [f"--data.init_args.root={data_roots['own_data']}", "--data.init_args.num_workers=0"]
     if "lightning_lt.datamodules.ImageFolderLT" in text:
         root = shared_data_dir("cifar10-jpeg")
         return [f"--data.init_args.root={root}", "--data.init_args.in_memory=false", "--data.init_args.num_workers=0"]
@@ -119,3 +129,69 @@ def test_config_fast_dev_run(config, fake_cifar_root, fake_data_roots, tmp_path,
         f"--trainer.default_root_dir={tmp_path}",
         *data_overrides(config, fake_cifar_root, fake_data_roots),
     ])
+
+
+# ---------------------------------------------------------------------------------------------- validation splits
+def data_class(config: Path) -> str:
+    return yaml.safe_load(config.read_text())["data"]["class_path"].rsplit(".", 1)[-1]
+
+
+def model_class(config: Path) -> str:
+    return yaml.safe_load(config.read_text())["model"]["class_path"].rsplit(".", 1)[-1]
+
+
+#: Data modules of the configs without a held-out classification split, and what their `val_dataloader` reads.
+#: All but CamVid validate on the split that `test` evaluates.
+OTHER_VALIDATION = {
+    "DigitsLT": "the test split (quickstart demo: nothing is chosen on val, no checkpoint or early stopping)",
+    "CamVid": "CamVid's own `val` split (`val_split='val'`); `test` evaluates the `test` split",
+    "ADE20K": "the official `validation` split, which `test` evaluates too (the test labels are not public)",
+    "Cityscapes": "the official `val` split, which `test` evaluates too (the test labels are not public)",
+    "COCOMultiLabel": "val2017, which `test` evaluates too (COCO's test labels are not public)",
+    "VOCMultiLabel": "`val_set` (VOC2007 `test` by convention), which `test` evaluates too",
+    "COCODetection": "val2017, which `test` evaluates too (COCO's test labels are not public)",
+    "VOCDetection": "`val_set` (VOC2007 `test` by convention), which `test` evaluates too",
+}
+CLASSIFICATION_CONFIGS = [
+    c for c in CONFIGS if model_class(c) == "LongTailClassifier" and data_class(c) not in OTHER_VALIDATION
+]
+
+
+def test_every_config_validates_on_a_held_out_split_or_is_listed():
+    """Every config is a classification config with a held-out validation split (checked below), or uses a data
+    module listed in OTHER_VALIDATION with what it validates on (a new config family has to be added to one or
+    the other)."""
+    families = {data_class(c) for c in CONFIGS}
+    assert {data_class(c) for c in CLASSIFICATION_CONFIGS} == {"CIFAR10LT", "CIFAR100LT", "ImageFolderLT"}
+    assert families - set(OTHER_VALIDATION) == {"CIFAR10LT", "CIFAR100LT", "ImageFolderLT"}
+    assert len(CLASSIFICATION_CONFIGS) == 26  # 12 CIFAR-10-LT, 12 CIFAR-100-LT, 2 image folders
+
+
+@pytest.mark.parametrize("config", CLASSIFICATION_CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
+def test_classification_configs_validate_on_held_out_training_images(config, fake_cifar_root, fake_data_roots,
+                                                                     tmp_path, monkeypatch):  # fmt: skip
+    """The data module a classification config builds (through the CLI) validates on images of its training split,
+    disjoint from the images it trains on, never on the test split: after `setup("fit")`, `val_dataset` is set, is
+    not `test_dataset`, and (CIFAR) its indices in the training pickles / (folders) its files under `root/train`
+    do not meet the training images'."""
+    monkeypatch.setattr(sys, "argv", ["lightning-lt"])
+    monkeypatch.chdir(REPO_ROOT)
+    overrides = data_overrides(config, fake_cifar_root, fake_data_roots)
+    cli = LightningLTCLI(args=[
+        "--config", str(config), "--trainer.logger=false", f"--trainer.default_root_dir={tmp_path}", *overrides,
+    ], run=False)  # fmt: skip
+    dm = cli.datamodule
+    dm.setup("fit")
+    assert dm.val_dataset is not None and dm.val_dataset is not dm.test_dataset
+    assert dm.validates_on_test_split is False
+    assert len(dm.train_dataset) == sum(dm.class_counts) == sum(cli.model.class_counts)
+    if data_class(config).startswith("CIFAR"):
+        assert dm.val_per_class == 50
+        assert len(dm.val_indices) == 50 * dm.num_classes  # images of the training pickles
+        assert not set(dm.val_indices.tolist()) & set(dm.train_indices.tolist())
+    else:
+        assert dm.val_fraction > 0
+        train_dir = os.path.join(dm.root, dm.train_dir) + os.sep
+        val_files = dm.val_files()[0]
+        assert val_files and all(f.startswith(train_dir) for f in val_files)
+        assert not set(val_files) & set(dm.train_files())

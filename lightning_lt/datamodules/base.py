@@ -1,21 +1,67 @@
 """Base class of the long-tailed DataModules."""
 
+import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, Optional
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from lightning_lt.datamodules.device import DeviceDataLoader
+from lightning_lt.datamodules.profiles import held_out_counts, stratified_holdout
 from lightning_lt.datamodules.samplers import ResampledSampler, derive_seed
 
-__all__ = ["EpochSeededDataLoader", "LongTailDataModule", "derive_seed"]  # derive_seed is re-exported from samplers
+__all__ = [  # derive_seed is re-exported from samplers
+    "VAL_SPLIT_KEY",
+    "EpochSeededDataLoader",
+    "LongTailDataModule",
+    "collate_images",
+    "derive_seed",
+]
 
 _SAMPLERS = (None, "class_balanced", "sqrt")
+
+#: ``derive_seed(seed, VAL_SPLIT_KEY)`` seeds the held-out validation split, independently of the sampler's
+#: ``(seed, epoch)`` streams.
+VAL_SPLIT_KEY = 0x76616C  # "val"
+
+
+def collate_images(batch: list) -> Any:
+    """PyTorch's ``default_collate`` for ``(image, label)`` samples, with an error that names the fix when the images
+    of a batch are not tensors of one size (a ``train_transform`` / ``eval_transform`` without a final resize or
+    crop, or without ``ToImage`` / ``ToTensor``).
+
+    Raises:
+        ValueError: images of different sizes or not tensors (with the ``default_collate`` error as its cause).
+
+    Example:
+        >>> x, y = collate_images([(torch.zeros(3, 4, 4), 0), (torch.ones(3, 4, 4), 1)])
+        >>> tuple(x.shape), y.tolist()
+        ((2, 3, 4, 4), [0, 1])
+    """
+    try:
+        return default_collate(batch)
+    except (RuntimeError, TypeError) as error:
+        text = str(error)
+        if "equal size" in text:
+            shapes = sorted({tuple(sample[0].shape) for sample in batch if isinstance(sample[0], torch.Tensor)})
+            raise ValueError(
+                f"A batch holds images of different sizes {shapes[:4]}: the data module's transform (`train_transform` /"
+                " `eval_transform`) must return one size. HINT: add torchvision.transforms.v2.Resize((s, s)), or "
+                "Resize(s) + CenterCrop(s) (RandomResizedCrop(s) for training), before ToImage / ToTensor."
+            ) from error
+        if "PIL" in text or "found <class" in text:
+            raise ValueError(
+                f"A batch holds images that are not tensors ({text}). HINT: end `train_transform` / `eval_transform` "
+                "with torchvision.transforms.v2.ToImage() and ToDtype(torch.float32, scale=True) (or ToTensor()), "
+                "then Normalize(mean, std)."
+            ) from error
+        raise
 
 
 class EpochSeededDataLoader(DataLoader):
@@ -56,14 +102,29 @@ class LongTailDataModule(LightningDataModule):
     - ``_compute_class_counts() -> list[int]`` (cheap: a formula, a directory listing, a list file);
     - ``_compute_class_names() -> list[str]`` (optional; default ``"0" .. "C-1"``);
     - ``setup(stage)`` assigning ``self.train_dataset`` (fit), ``self.test_dataset`` (all stages)
-      and optionally ``self.val_dataset`` (defaults to the test split);
+      and optionally ``self.val_dataset`` (defaults to the test split) and ``self.train_eval_dataset``
+      (the training images with the evaluation transform, for :meth:`train_eval_dataloader`);
     - ``train_targets() -> list[int]``, the label of every index of ``train_dataset``.
+
+    Held-out validation split (``val_fraction > 0``): subclasses that support it (CIFAR-10-LT / CIFAR-100-LT,
+    :class:`~lightning_lt.datamodules.folder.ImageFolderLT`,
+    :class:`~lightning_lt.datamodules.list_file.ListFileDataModule`) implement ``_pool_targets()``, the labels of
+    their long-tailed training images before the hold-out (the *pool*, listed without decoding). Class ``c`` of the
+    pool, with ``n_c`` images, gives ``floor(val_fraction * n_c + 0.5)`` of them (rounded half up:
+    :func:`~lightning_lt.datamodules.profiles.held_out_counts`) to the validation split, drawn by
+    :func:`~lightning_lt.datamodules.profiles.stratified_holdout` with the seed ``derive_seed(seed, VAL_SPLIT_KEY)``
+    (independent of the sampler's streams). The split depends only on the listing and ``seed``: every DDP rank
+    computes the same one, with no communication. :meth:`split_positions` gives it; ``class_counts`` and
+    ``train_targets()`` then count only the images trained on, and ``setup()`` builds ``val_dataset`` from the
+    held-out images with the evaluation transform. A class left without a training image is an error. Those
+    subclasses get ``_compute_class_counts`` and ``train_targets`` from here.
 
     Loaders: ``train_dataloader`` shuffles, or, with ``sampler`` set, draws from a
     :class:`~lightning_lt.datamodules.samplers.ResampledSampler` sharded by ``trainer.world_size`` /
     ``trainer.global_rank`` (1 / 0 without a trainer). ``val_dataloader`` iterates over the validation
-    split (the balanced test split unless a subclass has a separate one), ``test_dataloader`` and
-    ``predict_dataloader`` over the test split, in order, with ``eval_batch_size``.
+    split (the balanced test split unless a subclass has a separate one: :attr:`validates_on_test_split`),
+    ``test_dataloader`` and ``predict_dataloader`` over the test split, ``train_eval_dataloader`` over the
+    training images with the evaluation transform, all in order, with ``eval_batch_size``.
 
     Device-resident data (``device_data=True``, for subclasses that support it: CIFAR-10-LT / CIFAR-100-LT,
     :class:`~lightning_lt.datamodules.folder.ImageFolderLT`): every loader is a
@@ -108,14 +169,19 @@ class LongTailDataModule(LightningDataModule):
         persistent_workers: keep workers alive between epochs; only applied when ``num_workers > 0``.
         eval_batch_size: batch size of the evaluation loaders (default: ``batch_size``).
         device_data: serve the images from device memory, augmented per batch on the device (see above).
+        val_fraction: per-class fraction of the long-tailed training images held out for validation (see above;
+            0 = none, ``val_dataloader`` then uses the subclass's own validation split or the test split).
 
     Raises:
-        ValueError: ``batch_size < 1``, ``num_workers < 0``, ``eval_batch_size < 1``, unknown ``sampler``.
+        ValueError: ``batch_size < 1``, ``num_workers < 0``, ``eval_batch_size < 1``, unknown ``sampler``,
+            ``val_fraction`` outside ``[0, 1)`` or set on a subclass without a held-out split.
     """
 
     train_dataset: Optional[Dataset] = None
     val_dataset: Optional[Dataset] = None
     test_dataset: Optional[Dataset] = None
+    #: The training images (``train_dataset``'s, in its order) with the evaluation transform.
+    train_eval_dataset: Optional[Dataset] = None
     #: ``collate_fn`` of every loader (``None``: PyTorch's default); a plain function, not a method.
     batch_collate: Optional[Callable] = None
 
@@ -129,6 +195,7 @@ class LongTailDataModule(LightningDataModule):
         persistent_workers: bool = False,
         eval_batch_size: Optional[int] = None,
         device_data: bool = False,
+        val_fraction: float = 0.0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -139,6 +206,16 @@ class LongTailDataModule(LightningDataModule):
             raise ValueError(f"Expected `eval_batch_size` >= 1 or None (= `batch_size`), got {eval_batch_size}")
         if sampler not in _SAMPLERS:
             raise ValueError(f"Expected `sampler` to be one of {_SAMPLERS}, got {sampler!r}")
+        if isinstance(val_fraction, bool) or not (math.isfinite(float(val_fraction)) and 0 <= val_fraction < 1):
+            raise ValueError(
+                f"Expected `val_fraction` in [0, 1) (the per-class share of the training images held out for "
+                f"validation, e.g. 0.1), got {val_fraction!r}"
+            )
+        if val_fraction > 0 and not self._has_pool():
+            raise ValueError(
+                f"{type(self).__name__} has no held-out validation split: `val_fraction` must be 0, got {val_fraction}. "
+                "HINT: it validates on its own validation split; leave `val_fraction` out."
+            )
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.sampler = sampler
@@ -147,8 +224,10 @@ class LongTailDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers
         self.eval_batch_size = eval_batch_size if eval_batch_size is not None else batch_size
         self.device_data = bool(device_data)
+        self.val_fraction = float(val_fraction)
         self._class_counts: Optional[list[int]] = None
         self._class_names: Optional[list[str]] = None
+        self._val_split: Optional[tuple[np.ndarray, np.ndarray]] = None
 
     # ------------------------------------------------------------------ class statistics (lazy)
     @property
@@ -176,14 +255,83 @@ class LongTailDataModule(LightningDataModule):
         return list(self._class_names)
 
     def _compute_class_counts(self) -> list[int]:
-        raise NotImplementedError(f"{type(self).__name__} must implement `_compute_class_counts()`")
+        if not self._has_pool():
+            raise NotImplementedError(f"{type(self).__name__} must implement `_compute_class_counts()`")
+        pool = np.asarray(self._pool_targets(), dtype=np.int64)
+        return np.bincount(np.asarray(self.train_targets(), dtype=np.int64), minlength=pool.max() + 1).tolist()
 
     def _compute_class_names(self) -> list[str]:
         return [str(i) for i in range(self.num_classes)]
 
     def train_targets(self) -> list[int]:
         """Labels of the training set, one per index of ``train_dataset`` (used by the re-sampler)."""
-        raise NotImplementedError(f"{type(self).__name__} must implement `train_targets()`")
+        if not self._has_pool():
+            raise NotImplementedError(f"{type(self).__name__} must implement `train_targets()`")
+        return np.asarray(self._pool_targets(), dtype=np.int64)[self.split_positions()[0]].tolist()
+
+    # ------------------------------------------------------------------ held-out validation split
+    @classmethod
+    def _has_pool(cls) -> bool:
+        """Whether the subclass implements ``_pool_targets`` (and so supports ``val_fraction``)."""
+        return cls._pool_targets is not LongTailDataModule._pool_targets
+
+    def _pool_targets(self) -> Sequence[int]:
+        """Labels of the long-tailed training images before the validation hold-out (the pool), in the order the
+        subclass lists them; computed without decoding images. Implemented by subclasses with a held-out split."""
+        raise NotImplementedError(f"{type(self).__name__} has no held-out validation split (`_pool_targets()`)")
+
+    def _pool_class_names(self) -> Optional[Sequence[str]]:
+        """Class names for error messages about the pool (``None``: labels only); must not use ``class_counts``."""
+        return None
+
+    def _pool_held_out_counts(self, pool_counts: Sequence[int]) -> list[int]:
+        """Images of each class held out of the pool: ``floor(val_fraction * n_c + 0.5)``."""
+        return held_out_counts(pool_counts, self.val_fraction)
+
+    def split_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(train, val)``: positions in the pool (``_pool_targets()``) of the training and the held-out validation
+        images, each ascending, disjoint, together the whole pool; computed once from the listing and ``seed``.
+
+        Raises:
+            ValueError: the hold-out leaves a class without a training image (names the class and the fix).
+        """
+        if self._val_split is None:
+            pool = np.asarray(self._pool_targets(), dtype=np.int64)
+            pool_counts = np.bincount(pool, minlength=pool.max() + 1 if pool.size else 0).tolist()
+            held = self._pool_held_out_counts(pool_counts)
+            empty = [c for c, (n, h) in enumerate(zip(pool_counts, held)) if n > 0 and h >= n]
+            if empty:
+                c, names = empty[0], self._pool_class_names()
+                name = f" ({names[c]!r})" if names is not None else ""
+                smallest = min(n for n in pool_counts if n > 0)
+                raise ValueError(
+                    f"{type(self).__name__}: `val_fraction`={self.val_fraction} holds out all {pool_counts[c]} training "
+                    f"image(s) of class {c}{name} ({len(empty)} class(es) left without training images: {empty[:10]}). "
+                    f"Every class needs at least one training image. HINT: use `val_fraction` < "
+                    f"{1 - 0.5 / smallest:.3g} (a class of {smallest} image(s) then keeps one), or give an explicit "
+                    f"validation set."
+                )
+            self._val_split = stratified_holdout(pool, held, derive_seed(self.seed, VAL_SPLIT_KEY))
+        return self._val_split
+
+    def _refuse_transforms_on_device(self, **transforms: Optional[Callable]) -> None:
+        """With ``device_data``, refuse user transforms (the device path runs only the built-in CIFAR augmentation)."""
+        given = " / ".join(f"`{name}`" for name, transform in transforms.items() if transform is not None)
+        if self.device_data and given:
+            raise ValueError(
+                f"{type(self).__name__}: `device_data=True` augments every batch on the device with the built-in CIFAR "
+                f"recipe (crop with zero padding, flip, normalisation) and cannot run your {given} (a transform of "
+                "PIL images). HINT: set `device_data=false` to use your transform (DataLoader workers), or leave the "
+                "transforms out to keep the device path."
+            )
+
+    @property
+    def validates_on_test_split(self) -> Optional[bool]:
+        """Whether ``val_dataloader`` iterates over the test split (no validation split of its own, or the same data
+        set object); ``None`` before ``setup()``."""
+        if self.test_dataset is None and self.val_dataset is None:
+            return None
+        return self.val_dataset is None or self.val_dataset is self.test_dataset
 
     # ------------------------------------------------------------------ loaders
     def _require(self, name: str) -> Dataset:
@@ -314,6 +462,23 @@ class LongTailDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         dataset = self.val_dataset if self.val_dataset is not None else self._require("test_dataset")
         return self._eval_loader(dataset)
+
+    def train_eval_dataloader(self) -> DataLoader:
+        """The training images (``train_dataset``'s, without the held-out validation images) with the evaluation
+        transform (no augmentation), in order, sharded under DDP like the evaluation loaders (:meth:`eval_sampler`),
+        with ``eval_batch_size``: e.g. to compute features of the training set once.
+
+        Raises:
+            RuntimeError: before ``setup('fit')``.
+            NotImplementedError: the subclass does not build ``train_eval_dataset``.
+        """
+        if self.train_eval_dataset is None and self.train_dataset is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__} does not provide its training images with the evaluation transform "
+                "(`train_eval_dataset`): `train_eval_dataloader()` is for the classification DataModules (CIFAR10LT, "
+                "CIFAR100LT, ImageFolderLT, ListFileDataModule, DigitsLT)."
+            )
+        return self._eval_loader(self._require("train_eval_dataset"))
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader(self._require("test_dataset"))

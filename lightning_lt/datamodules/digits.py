@@ -99,6 +99,7 @@ class DigitsLT(LongTailDataModule):
         train_idx, test_idx = self._split()
         x, y = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(targets)
         self.train_dataset = TensorDataset(x[train_idx], y[train_idx])
+        self.train_eval_dataset = self.train_dataset  # no augmentation
         self.test_dataset = TensorDataset(x[test_idx], y[test_idx])
         self._train_targets = y[train_idx].tolist()
 

@@ -4,6 +4,14 @@ CIFAR (LDAM-DRW): ``RandomCrop(32, padding=4)``, ``RandomHorizontalFlip``, ``ToT
 ImageNet-LT / Places-LT / iNaturalist: ``RandomResizedCrop(224)``, ``RandomHorizontalFlip`` for training,
 ``Resize(256)`` + ``CenterCrop(224)`` for evaluation.
 
+Both recipes are also classes with plain arguments (:class:`CIFARTrainTransform`, :class:`CIFAREvalTransform`,
+:class:`ImageNetTrainTransform`, :class:`ImageNetEvalTransform`), so a config can name them by ``class_path`` as the
+``train_transform`` / ``eval_transform`` of a DataModule; ``hflip: false`` turns the flip off (digits, text), and a
+one-value ``mean`` / ``std`` normalises 1-channel images (``image_mode: L``). Any other callable works as well, e.g.
+a ``torchvision.transforms.v2.Compose`` of v2 transforms written out in the YAML (``class_path`` / ``init_args`` per
+transform, ``dtype: torch.float32`` for ``ToDtype``). :func:`check_transform_output` checks what a user's transform
+returns (tensors of one size) on the first samples of a data set.
+
 The ``*_tensor_*`` variants (:class:`TensorCIFARAugment`) take ``uint8`` ``[3, H, W]`` tensors
 (images decoded once and kept in memory) and give the same output as the PIL versions for the same
 torch RNG state: they draw crop offsets and flips like torchvision, pad with zeros, and scale by 1/255
@@ -16,16 +24,22 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
+from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 __all__ = [
+    "CIFAREvalTransform",
+    "CIFARTrainTransform",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
     "CIFAR100_STD",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ImageNetEvalTransform",
+    "ImageNetTrainTransform",
     "TensorCIFARAugment",
+    "check_transform_output",
     "cifar_eval_transform",
     "cifar_tensor_eval_transform",
     "cifar_tensor_train_transform",
@@ -49,13 +63,66 @@ def _resize(size: Optional[int]) -> list:
     return [] if size is None else [T.Resize((size, size), antialias=True)]
 
 
+class CIFARTrainTransform(T.Compose):
+    """CIFAR training augmentation on PIL images: zero-pad ``padding``, random ``size`` crop, flip, normalise.
+
+    ``[Resize((resize, resize))], RandomCrop(size, padding), [RandomHorizontalFlip()], ToTensor(), Normalize(mean,
+    std)``: the LDAM-DRW recipe with the defaults. A config names it by ``class_path`` as a ``train_transform``.
+
+    Args:
+        size: crop size (32 for CIFAR).
+        padding: zero padding on each side before cropping (4 for CIFAR).
+        hflip: random horizontal flip (turn it off for digits, text and other images that flipping changes).
+        resize: if set, first resize to ``(resize, resize)`` (for folders of other image sizes).
+        mean: per-channel mean subtracted after scaling to [0, 1] (one value for 1-channel images).
+        std: per-channel standard deviation.
+
+    Example:
+        >>> from PIL import Image
+        >>> CIFARTrainTransform()(Image.new("RGB", (32, 32))).shape
+        torch.Size([3, 32, 32])
+        >>> CIFARTrainTransform(hflip=False, resize=32, mean=[0.5], std=[0.5])(Image.new("L", (28, 28))).shape
+        torch.Size([1, 32, 32])
+    """
+
+    def __init__(
+        self,
+        size: int = 32,
+        padding: int = 4,
+        hflip: bool = True,
+        resize: Optional[int] = None,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        flip = [T.RandomHorizontalFlip()] if hflip else []
+        super().__init__(
+            _resize(resize) + [T.RandomCrop(size, padding=padding)] + flip + [T.ToTensor(), T.Normalize(mean, std)]
+        )
+
+
+class CIFAREvalTransform(T.Compose):
+    """CIFAR evaluation transform on PIL images: ``[Resize((resize, resize))], ToTensor(), Normalize(mean, std)``.
+
+    Example:
+        >>> from PIL import Image
+        >>> x = CIFAREvalTransform(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))(Image.new("RGB", (32, 32), "white"))
+        >>> float(x.min()), tuple(x.shape)
+        (1.0, (3, 32, 32))
+    """
+
+    def __init__(
+        self, resize: Optional[int] = None, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD
+    ) -> None:
+        super().__init__(_resize(resize) + [T.ToTensor(), T.Normalize(mean, std)])
+
+
 def cifar_train_transform(
     mean: Sequence[float] = CIFAR10_MEAN,
     std: Sequence[float] = CIFAR10_STD,
     size: int = 32,
     padding: int = 4,
     resize: Optional[int] = None,
-) -> T.Compose:
+) -> CIFARTrainTransform:
     """CIFAR training augmentation on PIL images: zero-pad ``padding``, random ``size`` crop, flip, normalise.
 
     Args:
@@ -70,20 +137,12 @@ def cifar_train_transform(
         >>> cifar_train_transform()(Image.new("RGB", (32, 32))).shape
         torch.Size([3, 32, 32])
     """
-    return T.Compose(
-        _resize(resize)
-        + [
-            T.RandomCrop(size, padding=padding),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    return CIFARTrainTransform(size=size, padding=padding, resize=resize, mean=mean, std=std)
 
 
 def cifar_eval_transform(
     mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, resize: Optional[int] = None
-) -> T.Compose:
+) -> CIFAREvalTransform:
     """CIFAR evaluation transform on PIL images: ``ToTensor`` + ``Normalize`` (after an optional resize).
 
     Example:
@@ -92,7 +151,7 @@ def cifar_eval_transform(
         >>> float(x.min()), tuple(x.shape)
         (1.0, (3, 32, 32))
     """
-    return T.Compose(_resize(resize) + [T.ToTensor(), T.Normalize(mean, std)])
+    return CIFAREvalTransform(resize=resize, mean=mean, std=std)
 
 
 class TensorCIFARAugment:
@@ -246,9 +305,67 @@ def cifar_tensor_eval_transform(
     return TensorCIFARAugment(mean, std, train=False)
 
 
+class ImageNetTrainTransform(T.Compose):
+    """ImageNet-style training augmentation for large images: ``RandomResizedCrop(size, scale, ratio)``, flip,
+    ``ToTensor``, ``Normalize``.
+
+    Args:
+        size: side of the output crop.
+        scale: range of the crop's area as a fraction of the image's.
+        ratio: range of the crop's aspect ratio.
+        hflip: random horizontal flip.
+        mean: per-channel mean (ImageNet's; one value for 1-channel images).
+        std: per-channel standard deviation.
+
+    Example:
+        >>> from PIL import Image
+        >>> ImageNetTrainTransform(64, scale=(0.5, 1.0))(Image.new("RGB", (100, 80))).shape
+        torch.Size([3, 64, 64])
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        flip = [T.RandomHorizontalFlip()] if hflip else []
+        crop = T.RandomResizedCrop(size, scale=tuple(scale), ratio=tuple(ratio), antialias=True)
+        super().__init__([crop] + flip + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class ImageNetEvalTransform(T.Compose):
+    """ImageNet-style evaluation: ``Resize(resize)`` (the shorter side), ``CenterCrop(size)``, ``ToTensor``, ``Normalize``.
+
+    Args:
+        size: side of the centre crop.
+        resize: shorter side before cropping (default ``round(size * 256 / 224)``, 256 at 224).
+        mean: per-channel mean (ImageNet's).
+        std: per-channel standard deviation.
+
+    Example:
+        >>> from PIL import Image
+        >>> ImageNetEvalTransform(224)(Image.new("RGB", (500, 375))).shape
+        torch.Size([3, 224, 224])
+    """
+
+    def __init__(
+        self,
+        size: int = 224,
+        resize: Optional[int] = None,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        resize = round(size * 256 / 224) if resize is None else resize
+        super().__init__([T.Resize(resize, antialias=True), T.CenterCrop(size), T.ToTensor(), T.Normalize(mean, std)])
+
+
 def imagenet_train_transform(
     size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> T.Compose:
+) -> ImageNetTrainTransform:
     """ImageNet-style training augmentation: ``RandomResizedCrop(size)``, flip, ``ToTensor``, ``Normalize``.
 
     Example:
@@ -256,19 +373,12 @@ def imagenet_train_transform(
         >>> imagenet_train_transform(64)(Image.new("RGB", (100, 80))).shape
         torch.Size([3, 64, 64])
     """
-    return T.Compose(
-        [
-            T.RandomResizedCrop(size, antialias=True),
-            T.RandomHorizontalFlip(),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    return ImageNetTrainTransform(size, mean=mean, std=std)
 
 
 def imagenet_eval_transform(
     size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> T.Compose:
+) -> ImageNetEvalTransform:
     """ImageNet-style evaluation: ``Resize(round(size * 256 / 224))``, ``CenterCrop(size)``, ``ToTensor``, ``Normalize``.
 
     Example:
@@ -276,11 +386,54 @@ def imagenet_eval_transform(
         >>> imagenet_eval_transform(224)(Image.new("RGB", (500, 375))).shape
         torch.Size([3, 224, 224])
     """
-    return T.Compose(
-        [
-            T.Resize(round(size * 256 / 224), antialias=True),
-            T.CenterCrop(size),
-            T.ToTensor(),
-            T.Normalize(mean, std),
-        ]
-    )
+    return ImageNetEvalTransform(size, mean=mean, std=std)
+
+
+_SIZE_FIX = (
+    "HINT: make the transform end in one size: torchvision.transforms.v2.Resize((s, s)), or Resize(s) + CenterCrop(s) "
+    "for evaluation and RandomResizedCrop(s) for training (lightning_lt.datamodules.transforms.ImageNetTrainTransform / "
+    "ImageNetEvalTransform), before ToImage / ToTensor."
+)
+_TENSOR_FIX = (
+    "HINT: end the transform with torchvision.transforms.v2.ToImage() and ToDtype(torch.float32, scale=True) (or "
+    "ToTensor()), then Normalize(mean, std)."
+)
+
+
+def check_transform_output(dataset: Dataset, name: str, transform: object = None, samples: int = 2) -> None:
+    """Check that a data set's transform returns image tensors of one size, on its first and last samples.
+
+    The samples are loaded with the global random state saved and restored (a random transform leaves the training
+    draws alone). A batch of images of different sizes cannot be stacked; checked once at ``setup()`` it is an
+    error that names the transform instead of a collate error in a worker.
+
+    Args:
+        dataset: returns ``(image, label)``; an empty one is not checked.
+        name: the argument that set the transform (``"train_transform"``), named in the message.
+        transform: the transform, shown in the message (default: ``dataset.transform``).
+        samples: how many samples to load (the first one and the last ``samples - 1``).
+
+    Raises:
+        ValueError: an image that is not a tensor, or images of different shapes (names the transform and the fix).
+    """
+    size = len(dataset)  # type: ignore[arg-type]
+    if size == 0:
+        return
+    transform = getattr(dataset, "transform", None) if transform is None else transform
+    indices = sorted({0, *range(max(size - samples + 1, 1), size)})
+    shapes = {}
+    with torch.random.fork_rng(devices=[]):
+        for index in indices:
+            image = dataset[index][0]
+            if not isinstance(image, torch.Tensor):
+                raise ValueError(
+                    f"`{name}` returns a {type(image).__module__}.{type(image).__name__}, not a tensor (sample {index}); "
+                    f"a batch needs image tensors. {_TENSOR_FIX} The transform: {transform!r}"
+                )
+            shapes[index] = tuple(image.shape)
+    if len(set(shapes.values())) > 1:
+        found = ", ".join(f"{shape} for sample {index}" for index, shape in shapes.items())
+        raise ValueError(
+            f"`{name}` returns image tensors of different sizes ({found}): a batch needs one size. {_SIZE_FIX} "
+            f"The transform: {transform!r}"
+        )

@@ -176,3 +176,134 @@ def test_imbalance_factor_below_one(bad):
 def test_bad_profile():
     with pytest.raises(ValueError, match="profile"):
         CIFAR100LT(profile="linear")
+
+
+# ---------------------------------------------------------------------------------------------- validation splits
+#: Per class, the validation images that `val_per_class=50` takes from the long-tailed training images: those the
+#: profile leaves fewer than 50 unused images (CIFAR-10-LT IF=100 keeps all 5000 of class 0; CIFAR-100-LT all 500 of
+#: class 0 and 477 / 455 of classes 1 / 2).
+SHORTFALL = {CIFAR10LT: {0: 50}, CIFAR100LT: {0: 50, 1: 27, 2: 5}}
+
+
+@pytest.mark.parametrize("cls", [CIFAR10LT, CIFAR100LT])
+def test_val_per_class_is_balanced_from_unused_images(cifar_root, cls):
+    """A balanced validation set from the training images the profile leaves unused, disjoint from the long-tailed
+    training images, which stay the protocol's except for the classes without enough unused images."""
+    root, labels = cifar_root
+    labels = labels[cls]
+    n_max, num_classes = SPECS[cls]
+    plain = cls(root=root, num_workers=0)
+    plain.setup("fit")
+    dm = cls(root=root, num_workers=0, val_per_class=50)
+    shortfall = [SHORTFALL[cls].get(c, 0) for c in range(num_classes)]
+    expected_counts = [n - s for n, s in zip(formula(n_max, num_classes, 100), shortfall)]
+    assert dm.class_counts == expected_counts  # before setup, without the files
+    dm.setup("fit")
+    assert sum(expected_counts) == {CIFAR10LT: 12356, CIFAR100LT: 10765}[cls]
+    val, train = dm.val_indices, dm.train_indices
+    assert np.bincount(labels[val], minlength=num_classes).tolist() == [50] * num_classes  # balanced
+    np.testing.assert_array_equal(read_stamps(dm.val_dataset.data), val)  # the pixels are those images
+    assert dm.val_dataset.targets == labels[val].tolist()
+    assert not set(val.tolist()) & set(train.tolist())  # disjoint from the training images
+    assert np.bincount(dm.train_dataset.targets, minlength=num_classes).tolist() == expected_counts
+    assert dm.train_targets() == list(dm.train_dataset.targets)
+    protocol = set(plain.train_indices.tolist())
+    for c in range(num_classes):
+        kept = train[labels[train] == c]
+        reference = plain.train_indices[labels[plain.train_indices] == c]
+        if shortfall[c]:  # the missing validation images come out of the class's long-tailed images
+            assert set(kept.tolist()) < set(reference.tolist()) and len(reference) - len(kept) == shortfall[c]
+        else:  # the protocol's images, in the protocol's order
+            np.testing.assert_array_equal(kept, reference)
+        from_unused = [i for i in val[labels[val] == c].tolist() if i not in protocol]
+        assert len(from_unused) == 50 - shortfall[c]
+    assert dm.validates_on_test_split is False
+
+
+def test_val_per_class_is_seeded_and_evaluated_without_augmentation(cifar_root):
+    root, _ = cifar_root
+    runs = {}
+    for seed in (0, 0, 1):
+        dm = CIFAR10LT(root=root, num_workers=0, val_per_class=20, seed=seed)
+        dm.setup("validate")  # validation alone builds no training set
+        assert dm.train_dataset is None and len(dm.val_dataset) == 200
+        runs.setdefault(seed, []).append(dm.val_indices)
+    np.testing.assert_array_equal(*runs[0])  # the same seed, the same split
+    assert not np.array_equal(runs[0][0], runs[1][0])  # another seed, another split
+    x1, x2 = dm.val_dataset[7][0], dm.val_dataset[7][0]
+    torch.testing.assert_close(x1, x2, rtol=0, atol=0)  # the evaluation transform: no random crop or flip
+
+
+@pytest.mark.parametrize("cls", [CIFAR10LT, CIFAR100LT])
+def test_val_fraction_holds_out_a_share_of_the_long_tailed_images(cifar_root, cls):
+    root, labels = cifar_root
+    labels = labels[cls]
+    n_max, num_classes = SPECS[cls]
+    counts = formula(n_max, num_classes, 100)
+    dm = cls(root=root, num_workers=0, val_fraction=0.1)
+    held = [int(np.floor(0.1 * n + 0.5)) for n in counts]
+    assert dm.class_counts == [n - h for n, h in zip(counts, held)]
+    dm.setup("fit")
+    plain = cls(root=root, num_workers=0)
+    plain.setup("fit")
+    assert np.bincount(labels[dm.val_indices], minlength=num_classes).tolist() == held
+    union = np.concatenate([dm.train_indices, dm.val_indices])
+    assert sorted(union.tolist()) == sorted(plain.train_indices.tolist())  # a split of the protocol's images
+    assert not set(dm.train_indices.tolist()) & set(dm.val_indices.tolist())
+
+
+def test_device_data_with_a_validation_split(cifar_root):
+    root, labels = cifar_root
+    dm = CIFAR10LT(root=root, val_per_class=10, device_data=True, eval_batch_size=64)
+    dm.setup("fit")
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (64, 3, 32, 32)
+    pixels = dm.val_dataset.images.permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(read_stamps(pixels), dm.val_indices)
+    assert y.tolist() == labels[CIFAR10LT][dm.val_indices][:64].tolist()
+    assert dm.train_eval_dataset.images is dm.train_dataset.images  # shared, not copied
+
+
+@pytest.mark.parametrize("device_data", [False, True])
+def test_train_eval_dataloader(cifar_root, device_data):
+    """The long-tailed training images without the validation ones, with the evaluation transform, in order."""
+    root, _ = cifar_root
+    dm = CIFAR10LT(root=root, num_workers=0, val_per_class=10, eval_batch_size=500, device_data=device_data)
+    dm.setup("fit")
+    loader = dm.train_eval_dataloader()
+    x = torch.cat([x for x, _ in loader])
+    assert x.shape == (12406 - 10, 3, 32, 32)
+    torch.testing.assert_close(x[:500], next(iter(loader))[0], rtol=0, atol=0)  # no augmentation
+    pixels = (x * torch.tensor(CIFAR10_STD)[:, None, None] + torch.tensor(CIFAR10_MEAN)[:, None, None]) * 255
+    stamps = read_stamps(pixels.round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(stamps, dm.train_indices)  # the training images, in order: no validation image
+
+
+def test_validation_and_transform_errors(cifar_root):
+    with pytest.raises(ValueError, match=r"`val_per_class` in \[0, 5000\).*got 5000"):
+        CIFAR10LT(val_per_class=5000)
+    with pytest.raises(ValueError, match=r"one validation split.*`val_per_class`=50 and `val_fraction`=0.1.*HINT"):
+        CIFAR10LT(val_per_class=50, val_fraction=0.1)
+    with pytest.raises(ValueError, match=r"`val_fraction` in \[0, 1\)"):
+        CIFAR100LT(val_fraction=1.0)
+    transform = lambda image: image  # noqa: E731
+    with pytest.raises(ValueError, match=r"`device_data=True`.*`train_transform`.*HINT"):
+        CIFAR10LT(device_data=True, train_transform=transform)
+    root, _ = cifar_root
+    dm = CIFAR10LT(root=root, num_workers=0, eval_transform=transform)  # returns the PIL image
+    with pytest.raises(ValueError, match=r"`eval_transform` returns a PIL.Image.Image, not a tensor"):
+        dm.setup("test")
+
+
+def test_custom_transforms(cifar_root):
+    from torchvision.transforms import v2
+
+    root, _ = cifar_root
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    dm = CIFAR10LT(root=root, num_workers=0, batch_size=8, val_per_class=5,
+                   train_transform=v2.Compose([v2.RandomResizedCrop(16), *to_tensor]),
+                   eval_transform=v2.Compose([v2.Resize(16), *to_tensor]))  # fmt: skip
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))[0].shape == (8, 3, 16, 16)
+    assert next(iter(dm.val_dataloader()))[0].shape == (8, 3, 16, 16)
+    assert next(iter(dm.train_eval_dataloader()))[0].shape == (8, 3, 16, 16)

@@ -4,10 +4,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import v2
 
 from lightning_lt.datamodules import ImageFolderLT, ResampledSampler
+from lightning_lt.datamodules.folder import decode_images
 from lightning_lt.datamodules.transforms import CIFAR10_MEAN, CIFAR10_STD
-from tests.datamodules.utils import write_image_folder
+from tests.datamodules.utils import write_digit_folder, write_image_folder
 from tests.helpers import shared_data_dir
 
 CLASSES = ["ant", "bee", "cat", "dog"]
@@ -193,8 +196,10 @@ def test_missing_test_dir(tmp_path):
 
 def test_too_few_images_for_the_profile(tmp_path):
     write_image_folder(str(tmp_path / "train"), {"a": 10, "b": 2, "c": 10})
-    with pytest.raises(ValueError, match=r"Class 1 has 2 images"):
+    with pytest.raises(ValueError, match=r"Class 1 \('b'\) has 2 images .* asks for 7") as info:
         ImageFolderLT(str(tmp_path), imbalance_factor=2).class_counts  # asks [10, 7, 5]
+    for fix in ("HINT", "`n_max: min`", "`cap_to_available: true`"):  # the message names the options that fix it
+        assert fix in str(info.value)
 
 
 def test_bad_arguments(tmp_path):
@@ -206,3 +211,162 @@ def test_bad_arguments(tmp_path):
         ImageFolderLT(str(tmp_path), mean=(0.5,))
     with pytest.raises(ValueError, match="image_size"):
         ImageFolderLT(str(tmp_path), image_size=0)
+
+
+# ---------------------------------------------------------------------------------------------- own data (issue 14)
+@pytest.fixture(scope="module")
+def digits_root(tmp_path_factory):
+    """MNIST-style folder: 1-channel 28x28 PNGs, classes "0" .. "3" with 10, 14, 8 and 12 training images."""
+    root = tmp_path_factory.mktemp("digits")
+    write_digit_folder(str(root), [10, 14, 8, 12], test_per_class=2)
+    return str(root)
+
+
+def per_class(labels, num_classes=4) -> list[int]:
+    return np.bincount(labels, minlength=num_classes).tolist()
+
+
+def test_n_max_cuts_unequal_classes_to_a_profile(digits_root, no_decoding):
+    """MNIST's case: classes of unequal size cut to an exp profile. The largest class (default) is an error that
+    names the options; `min`, `mean`, a number and `cap_to_available` give these counts, always those trained on."""
+    with pytest.raises(ValueError, match=r"Class 0 \('0'\) has 10 images .* asks for 14.*HINT.*`n_max: min`"):
+        ImageFolderLT(digits_root, imbalance_factor=2).class_counts
+    cases = {
+        (("n_max", "min"),): [8, int(8 * 0.5 ** (1 / 3)), int(8 * 0.5 ** (2 / 3)), 4],  # [8, 6, 5, 4]
+        (("n_max", "mean"),): [11, 8, 6, 5],  # 44 // 4 = 11: class 0 (10 images) is short ...
+        (("n_max", 9),): [9, 7, 5, 4],
+        (("n_max", 12), ("cap_to_available", True)): [10, 9, 7, 6],  # ... class 0 keeps its 10
+        (("n_max", 6), ("imbalance_factor", 1.0)): [6, 6, 6, 6],  # n_max alone: a balanced cut
+    }
+    with pytest.raises(ValueError, match=r"Class 0 \('0'\) has 10 images .* n_max=11: the mean class size"):
+        ImageFolderLT(digits_root, imbalance_factor=2, n_max="mean").class_counts
+    cases[(("n_max", "mean"), ("cap_to_available", True))] = [10, 8, 6, 5]
+    del cases[(("n_max", "mean"),)]
+    for options, expected in cases.items():
+        dm = ImageFolderLT(digits_root, **{"imbalance_factor": 2.0, **dict(options)})
+        assert dm.class_counts == expected, options
+        assert per_class(dm.train_targets()) == expected == [
+            sum(f"/train/{c}/" in f for f in dm.train_files()) for c in range(4)
+        ]
+
+
+@pytest.mark.parametrize("n_max", ["max", 0, -3, True, 2.5])
+def test_bad_n_max(tmp_path, n_max):
+    with pytest.raises(ValueError, match=r"`n_max`.*'min'.*'mean'"):
+        ImageFolderLT(str(tmp_path), n_max=n_max)
+
+
+def test_class_counts_are_the_images_trained_on(digits_root):
+    """With a cut, a cap and a validation hold-out, `class_counts` counts exactly the training dataset's labels."""
+    dm = ImageFolderLT(digits_root, imbalance_factor=2, n_max=12, cap_to_available=True, val_fraction=0.25,
+                       num_workers=0)  # fmt: skip
+    dm.setup("fit")
+    # [10, 9, 7, 6] minus round(0.25 * n) = 3, 2, 2, 2 (2.5, 2.25, 1.75, 1.5 rounded half up)
+    assert per_class(dm.train_dataset.targets) == dm.class_counts == [7, 7, 5, 4]
+    assert len(dm.train_dataset) == sum(dm.class_counts) and dm.train_dataset.files == dm.train_files()
+    assert per_class(dm.val_dataset.targets) == [3, 2, 2, 2]
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_grayscale_pngs(digits_root, in_memory):
+    """1-channel PNGs become 3 equal channels by default (RGB backbones take them) or stay 1 channel with `L`."""
+    rgb = ImageFolderLT(digits_root, num_workers=0, in_memory=in_memory, mean=(0, 0, 0), std=(1, 1, 1))
+    rgb.setup("fit")
+    x, _ = rgb.test_dataset[0]
+    pixels = torch.from_numpy(np.array(Image.open(os.path.join(digits_root, "test", "0", "0000.png"))))
+    assert Image.open(os.path.join(digits_root, "test", "0", "0000.png")).mode == "L"
+    expected = T.functional.resize(pixels[None], [32, 32], antialias=True).float() / 255
+    assert x.shape == (3, 32, 32)
+    for channel in x:
+        torch.testing.assert_close(channel[None], expected, atol=1 / 255 + 1e-6, rtol=0)
+    gray = ImageFolderLT(digits_root, num_workers=0, in_memory=in_memory, image_mode="L")
+    gray.setup("fit")
+    x, _ = gray.test_dataset[0]
+    assert x.shape == (1, 32, 32) and gray.mean == (0.5,) and gray.std == (0.5,)
+    assert next(iter(gray.train_dataloader()))[0].shape[1:] == (1, 32, 32)
+    with pytest.raises(ValueError, match=r"`mean` to have 1 value\(s\), one per channel of `image_mode`='L'"):
+        ImageFolderLT(digits_root, image_mode="L", mean=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="image_mode"):
+        ImageFolderLT(digits_root, image_mode="CMYK")
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_custom_transforms(odd_size_root, in_memory):
+    """A torchvision v2 pipeline replaces the CIFAR recipe for training and evaluation (as given: `image_size` does
+    not resize for it); with `in_memory` it receives the decoded image as a PIL image."""
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    train = v2.Compose([v2.RandomResizedCrop(24, scale=(0.5, 1.0)), *to_tensor])
+    evaluation = v2.Compose([v2.Resize(20), v2.CenterCrop(20), *to_tensor])
+    dm = ImageFolderLT(odd_size_root, num_workers=0, batch_size=4, in_memory=in_memory,
+                       train_transform=train, eval_transform=evaluation)  # fmt: skip
+    dm.setup("fit")
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 24, 24)
+    assert next(iter(dm.val_dataloader()))[0].shape == (4, 3, 20, 20)
+    files = ImageFolderLT(odd_size_root, num_workers=0, eval_transform=evaluation)
+    files.setup("test")
+    expected = evaluation(Image.open(files.test_dataset.files[0]).convert("RGB"))
+    if not in_memory:  # the in-memory path resizes to image_size first
+        torch.testing.assert_close(dm.test_dataset[0][0], expected)
+
+
+def test_transform_of_unequal_sizes_is_an_error_at_setup(tmp_path):
+    """Images of two sizes and a transform without a resize: `setup()` names the transform and the fix."""
+    write_image_folder(str(tmp_path / "train"), {"a": 3}, size=(40, 36), seed=0)
+    write_image_folder(str(tmp_path / "train"), {"b": 3}, size=(20, 20), seed=1)
+    write_image_folder(str(tmp_path / "test"), {"a": 1, "b": 1}, size=(32, 32), seed=2)
+    no_resize = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    dm = ImageFolderLT(str(tmp_path), num_workers=0, train_transform=no_resize)
+    with pytest.raises(ValueError, match=r"`train_transform` returns image tensors of different sizes.*HINT.*Resize"):
+        dm.setup("fit")
+    no_tensor = v2.Compose([v2.Resize((8, 8))])
+    dm = ImageFolderLT(str(tmp_path), num_workers=0, eval_transform=no_tensor)
+    with pytest.raises(ValueError, match=r"`eval_transform` returns a PIL.Image.Image, not a tensor.*ToImage"):
+        dm.setup("test")
+
+
+def test_device_data_refuses_custom_transforms(tmp_path):
+    transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    for name in ("train_transform", "eval_transform"):
+        message = rf"`device_data=True` .* cannot run your `{name}`.*HINT.*device_data=false"
+        with pytest.raises(ValueError, match=message):
+            ImageFolderLT(str(tmp_path), device_data=True, **{name: transform})
+
+
+def test_val_dir(tmp_path):
+    write_image_folder(str(tmp_path / "train"), {"a": 4, "b": 3})
+    write_image_folder(str(tmp_path / "val"), {"a": 2, "b": 1}, seed=1)
+    write_image_folder(str(tmp_path / "test"), {"a": 1, "b": 1}, seed=2)
+    dm = ImageFolderLT(str(tmp_path), val_dir="val", num_workers=0)
+    dm.setup("fit")
+    assert dm.class_counts == [4, 3]  # nothing held out of the training folder
+    assert dm.val_dataset.files == dm.val_files()[0] and dm.val_dataset.targets == [0, 0, 1]
+    assert all("/val/" in f for f in dm.val_dataset.files) and dm.validates_on_test_split is False
+    with pytest.raises(ValueError, match=r"one validation source.*`val_dir`='val'.*`val_fraction`=0.2.*HINT"):
+        ImageFolderLT(str(tmp_path), val_dir="val", val_fraction=0.2)
+    write_image_folder(str(tmp_path / "val2"), {"a": 1, "c": 1})
+    with pytest.raises(ValueError, match=r"missing in validation: \['b'\], not in train: \['c'\]"):
+        ImageFolderLT(str(tmp_path), val_dir="val2", num_workers=0).setup("fit")
+    without = ImageFolderLT(str(tmp_path), num_workers=0)
+    without.setup("fit")
+    assert without.val_dataset is None and without.validates_on_test_split is True  # the test folder
+
+
+@pytest.mark.parametrize("in_memory", [False, True])
+def test_train_eval_dataloader(digits_root, in_memory):
+    """The training images (not the validation ones) with the evaluation transform: in order, the same in two passes."""
+    dm = ImageFolderLT(digits_root, val_fraction=0.25, num_workers=0, batch_size=4, eval_batch_size=5,
+                       in_memory=in_memory)  # fmt: skip
+    dm.setup("fit")
+    loader = dm.train_eval_dataloader()
+    first, second = list(loader), list(loader)
+    assert loader.batch_size == 5
+    x = torch.cat([b[0] for b in first])
+    torch.testing.assert_close(x, torch.cat([b[0] for b in second]), rtol=0, atol=0)  # no augmentation
+    assert torch.cat([b[1] for b in first]).tolist() == dm.train_targets()
+    evaluation = dm.test_dataset.transform
+    for i, path in enumerate(dm.train_files()):  # image i is train file i through the evaluation transform
+        image = decode_images([path], 32)[0] if in_memory else Image.open(path).convert("RGB")
+        expected = evaluation(image)
+        torch.testing.assert_close(x[i], expected, rtol=0, atol=1e-6)
+    assert not set(dm.train_files()) & set(dm.val_files()[0])

@@ -112,3 +112,57 @@ def test_missing_files(imagenet_lt, tmp_path):
     with pytest.raises(ValueError, match="2 names, expected one per class"):
         (tmp_path / "names.txt").write_text("a\nb\n")
         make(imagenet_lt, class_names_file=str(tmp_path / "names.txt")).class_names
+
+
+# ---------------------------------------------------------------------------------------------- issue 14
+def test_val_fraction_holds_out_part_of_the_training_list(imagenet_lt):
+    """Without `val_list`, `val_fraction` validates on a per-class share of the training list (not the test list)."""
+    dm = make(imagenet_lt, val_list=None, test_list="ImageNet_LT_test.txt", val_fraction=0.2)
+    assert dm.class_counts == [5, 2, 1]  # 6, 3, 1 minus round(1.2), round(0.6), round(0.2)
+    dm.setup("fit")
+    train = [os.path.relpath(f, imagenet_lt) for f in dm.train_dataset.files]
+    val = [os.path.relpath(f, imagenet_lt) for f in dm.val_dataset.files]
+    assert train == dm.train_files() and len(val) == 2 and not set(train) & set(val)
+    assert sorted(train + val) == sorted(read_list_file(os.path.join(imagenet_lt, "ImageNet_LT_train.txt"))[0])
+    assert sorted(dm.val_dataset.targets) == [0, 1] and dm.validates_on_test_split is False
+    assert len(dm.test_dataset) == 2
+    x1, x2 = dm.val_dataset[0][0], dm.val_dataset[0][0]
+    torch.testing.assert_close(x1, x2, rtol=0, atol=0)  # evaluation transform
+    eval_x = torch.cat([x for x, _ in dm.train_eval_dataloader()])
+    assert eval_x.shape == (8, 3, 32, 32)
+    torch.testing.assert_close(eval_x, torch.cat([x for x, _ in dm.train_eval_dataloader()]), rtol=0, atol=0)
+
+
+def test_validation_sources_are_checked(imagenet_lt):
+    with pytest.raises(ValueError, match=r"one validation source.*`val_list`.*`val_fraction`=0.1.*HINT"):
+        make(imagenet_lt, val_fraction=0.1)
+    with pytest.raises(ValueError, match=r"neither `val_list` nor `test_list`.*HINT"):
+        make(imagenet_lt, val_list=None)
+    dm = make(imagenet_lt, val_list=None, test_list="ImageNet_LT_test.txt", val_fraction=0.6)
+    message = r"holds out all 1 training image\(s\) of class 2.*HINT: use `val_fraction` < 0.5"
+    with pytest.raises(ValueError, match=message):
+        dm.class_counts
+
+
+def test_a_list_cut_to_a_profile(imagenet_lt):
+    """Like ImageFolderLT: `n_max` and `cap_to_available` cut a list whose classes differ in size."""
+    with pytest.raises(ValueError, match=r"Class 1 has 3 images .* asks for 4.*HINT"):
+        make(imagenet_lt, imbalance_factor=2).class_counts  # n_max = 6: [6, 4, 3]
+    assert make(imagenet_lt, n_max="min").class_counts == [1, 1, 1]  # a balanced cut to the smallest class
+    assert make(imagenet_lt, imbalance_factor=2, cap_to_available=True).class_counts == [6, 3, 1]
+    dm = make(imagenet_lt, imbalance_factor=3, n_max=3)
+    assert dm.class_counts == [3, 1, 1]
+    dm.setup("fit")
+    assert sorted(dm.train_dataset.targets) == [0, 0, 0, 1, 2]
+
+
+def test_custom_transforms_and_grayscale(imagenet_lt):
+    from torchvision.transforms import v2
+
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+    dm = make(imagenet_lt, image_mode="L", batch_size=4, eval_batch_size=3,
+              train_transform=v2.Compose([v2.RandomResizedCrop(20), *to_tensor]),
+              eval_transform=v2.Compose([v2.Resize(24), v2.CenterCrop(20), *to_tensor]))  # fmt: skip
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))[0].shape == (4, 1, 20, 20)
+    assert next(iter(dm.val_dataloader()))[0].shape == (3, 1, 20, 20)

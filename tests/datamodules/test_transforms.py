@@ -109,3 +109,79 @@ def test_batch_draws_follow_the_generator_and_check_the_crop():
         tf.cifar_tensor_train_transform(size=48).draw(1, 32, 32)
     with pytest.raises(ValueError, match="draws"):
         augment.apply_batch(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.tensor([0]))
+
+
+# ------------------------------------------------------------------ config-friendly recipes and output checks
+def test_recipe_classes_are_the_recipe_functions(image):
+    """The classes a config names by class_path give the functions' outputs for the same draws."""
+    pairs = [
+        (tf.CIFARTrainTransform(), tf.cifar_train_transform()),
+        (tf.CIFAREvalTransform(resize=24), tf.cifar_eval_transform(resize=24)),
+        (tf.ImageNetTrainTransform(48), tf.imagenet_train_transform(48)),
+        (tf.ImageNetEvalTransform(48), tf.imagenet_eval_transform(48)),
+    ]
+    for recipe, function in pairs:
+        torch.manual_seed(0)
+        a = recipe(image)
+        torch.manual_seed(0)
+        torch.testing.assert_close(a, function(image), rtol=0, atol=0)
+    assert tf.ImageNetEvalTransform(224).transforms[0].size == 256  # Resize(256) + CenterCrop(224)
+    assert tf.ImageNetEvalTransform(112, resize=128).transforms[0].size == 128
+    crop = tf.ImageNetTrainTransform(64, scale=(0.5, 1.0)).transforms[0]
+    assert isinstance(crop, T.RandomResizedCrop) and crop.scale == (0.5, 1.0)
+
+
+def test_recipes_without_flip_and_with_one_channel(image):
+    """`hflip=False` never flips (digits, text): every output is an unflipped crop; a 1-value mean / std normalises
+    1-channel images."""
+    recipe = tf.CIFARTrainTransform(hflip=False, padding=0)  # no padding: the only crop is the image itself
+    assert not any(isinstance(t, T.RandomHorizontalFlip) for t in recipe.transforms)
+    expected = tf.cifar_eval_transform()(image)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        torch.testing.assert_close(recipe(image), expected)
+    gray = Image.fromarray(np.random.default_rng(1).integers(0, 256, (28, 28), dtype=np.uint8), mode="L")
+    x = tf.CIFAREvalTransform(resize=32, mean=[0.5], std=[0.5])(gray)
+    assert x.shape == (1, 32, 32) and -1 <= float(x.min()) and float(x.max()) <= 1
+
+
+class Listed(torch.utils.data.Dataset):
+    def __init__(self, items, transform=None) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index], 0
+
+
+def test_check_transform_output_names_the_transform_and_the_fix():
+    same = Listed([torch.zeros(3, 8, 8)] * 3)
+    tf.check_transform_output(same, "train_transform")  # one size: fine
+    tf.check_transform_output(Listed([]), "train_transform")  # nothing to check
+    sizes = Listed([torch.zeros(3, 8, 8), torch.zeros(3, 8, 8), torch.zeros(3, 9, 8)], transform="MyTransform()")
+    with pytest.raises(ValueError) as info:
+        tf.check_transform_output(sizes, "train_transform")
+    message = str(info.value)
+    for part in ("`train_transform`", "different sizes", "(3, 8, 8) for sample 0", "(3, 9, 8) for sample 2",
+                 "HINT", "Resize", "CenterCrop", "MyTransform()"):
+        assert part in message, part
+    pil = Listed([Image.new("RGB", (8, 8))] * 2, transform="Compose([Resize(8)])")
+    with pytest.raises(ValueError, match=r"`eval_transform` returns a PIL.Image.Image, not a tensor.*HINT.*ToImage"):
+        tf.check_transform_output(pil, "eval_transform")
+
+
+def test_check_transform_output_leaves_the_random_state_alone():
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, index):
+            return torch.rand(3, 2, 2), 0
+
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    tf.check_transform_output(Draws(), "train_transform")
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -74,3 +74,20 @@ def write_image_folder(
         for i in range(n):
             pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
             Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}{ext}"))
+
+
+def write_digit_folder(
+    root: str, train_counts: Sequence[int], test_per_class: int = 3, size: int = 28, seed: int = 0
+) -> None:
+    """An MNIST-style folder: ``root/{train,test}/<digit>/NNNN.png``, 1-channel (grayscale) PNGs of ``size`` x ``size``,
+    ``train_counts[c]`` training and ``test_per_class`` test images of class ``c``. Each image is noise around a
+    class-specific grey level, so that a small network can learn something in an epoch or two."""
+    rng = np.random.default_rng(seed)
+    for split, counts in (("train", train_counts), ("test", [test_per_class] * len(train_counts))):
+        for c, n in enumerate(counts):
+            folder = os.path.join(root, split, str(c))
+            os.makedirs(folder, exist_ok=True)
+            level = 255 * c / max(len(counts) - 1, 1)
+            for i in range(n):
+                pixels = np.clip(rng.normal(level, 20, size=(size, size)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(os.path.join(folder, f"{i:04d}.png"))
