@@ -297,6 +297,13 @@ class DecoupledClassifier(LongTailClassifier):
             self.backbone.eval()
         return self
 
+    def on_train_epoch_start(self) -> None:
+        """Put a frozen backbone in eval mode (train mode with ``bn_shift``) for the epoch: Lightning leaves the modes
+        of a module's parts as they are when training starts."""
+        super().on_train_epoch_start()
+        if self.freeze_backbone:
+            self.backbone.train(self.bn_shift)
+
     def classify(self, features: Tensor) -> Tensor:
         """Logits of backbone features: ``head(features)``, times the learned scales with ``learnable_scales``."""
         logits = self.head(features)
@@ -424,7 +431,7 @@ class DecoupledClassifier(LongTailClassifier):
         if self.cache_features:
             self._cache_training_features()
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
         self._restore_train_dataloader()
 
     def teardown(self, stage: str) -> None:
