@@ -103,7 +103,8 @@ class MaxNorm(Callback):
         interval: Literal["step", "epoch"] = "step",
     ) -> None:
         super().__init__()
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold) or threshold <= 0:
+        is_number = isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+        if not is_number or not math.isfinite(threshold) or threshold <= 0:
             raise ValueError(
                 f"Expected `threshold` of MaxNorm to be a finite number > 0, got {threshold!r}. HINT: the official "
                 "weight-balancing value is `threshold=0.1` with `relative=True` (10% of the way from the smallest to "
@@ -136,8 +137,8 @@ class MaxNorm(Callback):
             ) from err
         if weight.ndim < 2:
             raise ValueError(
-                f"MaxNorm(param={self.param!r}) constrains the per-class rows of a matrix, but {self.param!r} has shape "
-                f"{tuple(weight.shape)}. HINT: name the classifier weight (e.g. 'head.weight'); weight balancing "
+                f"MaxNorm(param={self.param!r}) constrains the per-class rows of a matrix, but {self.param!r} has "
+                f"shape {tuple(weight.shape)}. HINT: name the classifier weight (e.g. 'head.weight'); weight balancing "
                 "leaves the bias unconstrained."
             )
         return weight

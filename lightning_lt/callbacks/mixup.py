@@ -63,7 +63,9 @@ class Mixup(Callback):
         (True, 0.75)
     """
 
-    def __init__(self, alpha: float = 1.0, prob: float = 1.0, lam: Optional[float] = None, seed: Optional[int] = None) -> None:
+    def __init__(
+        self, alpha: float = 1.0, prob: float = 1.0, lam: Optional[float] = None, seed: Optional[int] = None
+    ) -> None:
         super().__init__()
         owner = type(self).__name__
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
@@ -72,9 +74,9 @@ class Mixup(Callback):
                 f"{alpha!r}. HINT: MiSLAS uses alpha=1.0; to train without mixing, remove the callback."
             )
         if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0.0 < prob <= 1.0:
-            raise ValueError(f"Expected `prob` of {owner} to be in (0, 1] (the fraction of mixed batches), got {prob!r}.")
+            raise ValueError(f"Expected `prob` of {owner} to be in (0, 1] (the share of mixed batches), got {prob!r}.")
         if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0.0 <= lam <= 1.0):
-            raise ValueError(f"Expected `lam` of {owner} to be None (drawn from Beta(alpha, alpha)) or in [0, 1], got {lam!r}.")
+            raise ValueError(f"Expected `lam` of {owner} to be None (drawn from Beta) or in [0, 1], got {lam!r}.")
         self.alpha = float(alpha)
         self.prob = float(prob)
         self.lam = None if lam is None else float(lam)

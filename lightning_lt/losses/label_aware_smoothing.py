@@ -36,7 +36,7 @@ def label_aware_smoothing_epsilons(
     shape: SmoothingShape = "concave",
     power: Optional[float] = None,
 ) -> Tensor:
-    r"""Per-class smoothing factors ``eps_c`` of label-aware smoothing, from ``smooth_tail`` (rarest) to ``smooth_head``.
+    r"""Per-class smoothing factors ``eps_c`` of label-aware smoothing, ``smooth_tail`` (rarest) to ``smooth_head``.
 
     With ``n_1 = max_c n_c``, ``n_K = min_c n_c`` and ``t_c = (n_c - n_K) / (n_1 - n_K) \in [0, 1]``:
 

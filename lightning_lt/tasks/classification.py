@@ -178,7 +178,7 @@ class LongTailClassifier(TaskModule):
         self.plot_per_class = plot_per_class
         self.many_threshold = many_threshold
         self.few_threshold = few_threshold
-        #: Callables ``(x, y) -> (x, y)`` applied to every training batch (e.g. Mixup / CutMix callbacks add themselves).
+        #: Callables ``(x, y) -> (x, y)`` applied to every training batch (Mixup / CutMix callbacks add themselves).
         self.batch_transforms: list[Callable[[Tensor, Tensor], tuple[Tensor, Any]]] = []
         self._transformed_batch: Optional[tuple[Any, Tensor, Any]] = None
 

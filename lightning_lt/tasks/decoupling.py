@@ -43,8 +43,8 @@ __all__ = ["TAU_GRID", "DecoupledClassifier", "tau_normalized_weight"]
 TAU_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(21))
 
 _INIT_HINT = (
-    "HINT: pass the checkpoint of a finished stage-1 run, e.g. `--model.init_args.init_from=PATH/checkpoints/last.ckpt` "
-    "(`lightning-lt fit` of any LongTailClassifier config saves one)."
+    "HINT: pass the checkpoint of a finished stage-1 run, `--model.init_args.init_from=PATH` (e.g. "
+    "PATH/checkpoints/last.ckpt: `lightning-lt fit` of any LongTailClassifier config saves one)."
 )
 
 
@@ -274,14 +274,10 @@ class DecoupledClassifier(LongTailClassifier):
             for key, value in module.state_dict().items() if key in part and part[key].shape != value.shape
         ]  # fmt: skip
         if missing or unexpected or shapes:
-            details = "; ".join(
-                text for text in (
-                    f"missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else "") if missing else "",
-                    f"unexpected {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-                    if unexpected else "",
-                    "other shapes: " + ", ".join(shapes[:3]) if shapes else "",
-                ) if text
-            )  # fmt: skip
+            details = [f"{kind} {_few(keys)}" for kind, keys in (("missing", missing), ("unexpected", unexpected))
+                       if keys]
+            details += ["other shapes: " + ", ".join(shapes[:3])] if shapes else []
+            details = "; ".join(details)
             raise ValueError(
                 f"The {name} of the stage-1 checkpoint {path!r} does not fit this model's {name} "
                 f"({type(module).__name__}): {details}. HINT: build the stage-2 `{name}` exactly as in stage 1 (the "
@@ -354,9 +350,9 @@ class DecoupledClassifier(LongTailClassifier):
         chosen = float(self.chosen_tau)
         if math.isnan(chosen):
             raise RuntimeError(
-                f"{type(self).__name__}(tau_norm=True, tau=None) has not chosen tau yet: it is chosen on the validation "
-                "split. HINT: run `trainer.validate(model, datamodule)` (or a fit, which validates) before test / "
-                "predict, or pass the chosen value, `--model.init_args.tau=TAU` (logged as val/tau)."
+                f"{type(self).__name__}(tau_norm=True, tau=None) has not chosen tau yet: it is chosen on the "
+                "validation split. HINT: run `trainer.validate(model, datamodule)` (or a fit, which validates) before "
+                "test / predict, or pass the chosen value, `--model.init_args.tau=TAU` (logged as val/tau)."
             )
         return chosen
 
@@ -395,11 +391,14 @@ class DecoupledClassifier(LongTailClassifier):
     def on_validation_epoch_start(self) -> None:
         if self.tau_norm and self.tau is None and self.trainer is not None and not self.trainer.sanity_checking:
             datamodule = self.trainer.datamodule
-            if datamodule is not None and getattr(datamodule, "val_dataset", "unset") is None:
+            on_test = getattr(datamodule, "validates_on_test_split", None)
+            if on_test is None:  # a data module without that property: LongTailDataModule validates on the test split
+                on_test = datamodule is not None and getattr(datamodule, "val_dataset", "unset") is None
+            if on_test:
                 rank_zero_warn(
-                    f"{type(self).__name__} chooses tau on the validation loader, which for {type(datamodule).__name__} "
-                    "is the test split (it has no validation split): the test accuracy at that tau is optimistic. "
-                    "HINT: give the data module a validation split (e.g. `val_per_class: 50`)."
+                    f"{type(self).__name__} chooses tau on the validation loader, which for "
+                    f"{type(datamodule).__name__} is the test split (it has no validation split): the test accuracy at "
+                    "that tau is optimistic. HINT: give the data module a validation split (e.g. `val_per_class: 50`)."
                 )
 
     def on_validation_epoch_end(self) -> None:
@@ -421,7 +420,8 @@ class DecoupledClassifier(LongTailClassifier):
         for other in self.tau_metrics:
             other.reset()
         if not sanity and self.trainer.is_global_zero and self.loggers:
-            figure = tau_curve_figure(self.tau_grid, balanced, tau, title=f"tau-normalisation, epoch {self.current_epoch}")
+            title = f"tau-normalisation, epoch {self.current_epoch}"
+            figure = tau_curve_figure(self.tau_grid, balanced, tau, title=title)
             for logger in self.loggers:
                 log_figure(logger, "val/tau_curve", figure, step=self.global_step)
         self._plot_per_class(per_class)
@@ -444,21 +444,21 @@ class DecoupledClassifier(LongTailClassifier):
         trainer = self.trainer
         datamodule = trainer.datamodule
         if datamodule is None or not callable(getattr(datamodule, "train_eval_dataloader", None)):
-            name = "no data module" if datamodule is None else f"{type(datamodule).__name__}, which has no `train_eval_dataloader()`"
+            name = "no data module" if datamodule is None else f"{type(datamodule).__name__}, which has none"
             raise ValueError(
                 f"{type(self).__name__}(cache_features=True) computes the training features once from the data "
-                f"module's `train_eval_dataloader()` (training images with the evaluation transform, in order), but the "
-                f"fit has {name}. HINT: use a lightning_lt LongTailDataModule (`trainer.fit(model, datamodule=dm)`), or "
-                "set `cache_features=False`."
+                "module's `train_eval_dataloader()` (training images with the evaluation transform, in order), but "
+                f"the fit has {name}. HINT: use a lightning_lt LongTailDataModule (`trainer.fit(model, "
+                "datamodule=dm)`), or set `cache_features=False`."
             )
         loader = datamodule.train_eval_dataloader()
         indices = torch.as_tensor(list(iter(loader.sampler)), dtype=torch.long)
         features, labels = self._extract_features(loader)
         if features.shape[0] != indices.numel():
             raise ValueError(
-                f"{type(datamodule).__name__}.train_eval_dataloader() yielded {features.shape[0]} samples but its sampler "
-                f"lists {indices.numel()}. HINT: it must iterate over its sampler's indices in order (no shuffling, "
-                "no dropped last batch)."
+                f"{type(datamodule).__name__}.train_eval_dataloader() yielded {features.shape[0]} samples but its "
+                f"sampler lists {indices.numel()}. HINT: it must iterate over its sampler's indices in order (no "
+                "shuffling, no dropped last batch)."
             )
         if trainer.world_size > 1:
             features, labels, indices = self._gather_shards(features, labels, indices)
@@ -473,7 +473,8 @@ class DecoupledClassifier(LongTailClassifier):
                 "order, sharded like the evaluation loaders."
             )
         dataset = TensorDataset(features, labels)
-        sampler = datamodule.build_sampler() if getattr(datamodule, "sampler", None) else datamodule.shuffle_sampler(dataset)
+        resampled = getattr(datamodule, "sampler", None) is not None
+        sampler = datamodule.build_sampler() if resampled else datamodule.shuffle_sampler(dataset)
         cached = DataLoader(dataset, batch_size=datamodule.batch_size, sampler=sampler)
         self._patched_datamodule = datamodule
         datamodule.train_dataloader = lambda: cached  # the fit loop asks for it after on_fit_start
@@ -523,6 +524,10 @@ class DecoupledClassifier(LongTailClassifier):
         self._features_cached = False
 
 
+def _few(keys: list[str]) -> str:
+    return f"{keys[:5]}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
 def _balanced_accuracy(per_class: Tensor) -> float:
     seen = ~torch.isnan(per_class)
     return float(per_class[seen].mean()) if seen.any() else float("nan")
@@ -549,14 +554,14 @@ def _check_stage2_options(
          "backbone updates its statistics anyway)."),
         (cache_features and not freeze_backbone, "`cache_features=True` needs a frozen backbone (the features are "
          "computed once). HINT: set `freeze_backbone=True` or `cache_features=False`."),
-        (cache_features and bn_shift, "`cache_features=True` computes the features once in eval mode, but `bn_shift=True` "
-         "changes them every batch. HINT: set one of them to False."),
-        (reinit_head and freeze_head, "`reinit_head=True` with `freeze_head=True` would keep a random classifier. HINT: "
-         "drop one of them (cRT re-initialises and trains the head; LWS freezes the stage-1 head)."),
-        (tau_norm and head != "linear", f"`tau_norm=True` rescales the rows of a linear classifier, but `head={head!r}` "
-         "normalises its weights already. HINT: use a stage-1 run with `head: linear`."),
-        (tau_norm and learnable_scales, "`tau_norm=True` and `learnable_scales=True` are two alternative ways to rebalance "
-         "the class norms. HINT: choose one (tau_norm.yaml or lws.yaml)."),
+        (cache_features and bn_shift, "`cache_features=True` computes the features once in eval mode, but "
+         "`bn_shift=True` changes them every batch. HINT: set one of them to False."),
+        (reinit_head and freeze_head, "`reinit_head=True` with `freeze_head=True` would keep a random classifier. "
+         "HINT: drop one of them (cRT re-initialises and trains the head; LWS freezes the stage-1 head)."),
+        (tau_norm and head != "linear", "`tau_norm=True` rescales the rows of a linear classifier, but "
+         f"`head={head!r}` normalises its weights already. HINT: use a stage-1 run with `head: linear`."),
+        (tau_norm and learnable_scales, "`tau_norm=True` and `learnable_scales=True` are two alternative ways to "
+         "rebalance the class norms. HINT: choose one (tau_norm.yaml or lws.yaml)."),
         (tau_norm and posthoc_tau is not None, "`tau_norm=True` with `posthoc_tau` would rebalance the logits twice. "
          "HINT: drop `posthoc_tau`."),
     ]  # fmt: skip
@@ -573,7 +578,7 @@ def _check_stage2_options(
     if tau_norm_bias not in ("drop", "keep"):
         raise ValueError(f"Expected `tau_norm_bias` of {owner} to be 'drop' or 'keep', got {tau_norm_bias!r}.")
     if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau)):
-        raise ValueError(f"Expected `tau` of {owner} to be None (chosen on validation) or a finite number, got {tau!r}.")
+        raise ValueError(f"Expected `tau` of {owner} to be None (chosen on validation) or finite, got {tau!r}.")
     if tau_norm and len(tau_grid) == 0:
         raise ValueError(f"Expected a non-empty `tau_grid` of {owner}, e.g. {list(TAU_GRID)}.")
     if tau_norm and not all(isinstance(t, (int, float)) and math.isfinite(t) for t in tau_grid):
