@@ -94,3 +94,59 @@ def test_summary_formats_nan():
 def test_module_entry_point_help():
     out = subprocess.run([sys.executable, "-m", "lightning_lt", "--help"], capture_output=True, text=True, check=True)
     assert "fit" in out.stdout and "test" in out.stdout
+
+
+# ----------------------------------------------------------------------------------------- two stages
+STAGE2_CONFIG = """
+seed_everything: 0
+trainer:
+  max_epochs: 2
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+model:
+  class_path: lightning_lt.tasks.DecoupledClassifier
+  init_args:
+    backbone:
+      class_path: lightning_lt.nets.MLP
+      init_args: {in_features: 64, hidden_features: [128, 128]}
+    freeze_backbone: true
+    many_threshold: 60
+    few_threshold: 20
+    optimizer:
+      class_path: torch.optim.SGD
+      init_args: {lr: 0.05, momentum: 0.9}
+data:
+  class_path: lightning_lt.datamodules.DigitsLT
+  init_args: {imbalance_factor: 10, batch_size: 64, num_workers: 0, sampler: class_balanced}
+"""
+
+
+def test_stage2_runs_from_the_stage1_checkpoint_of_the_cli(tmp_path):
+    from lightning_lt.tasks import DecoupledClassifier
+
+    main(["fit", *fast_args(tmp_path / "stage1", "--trainer.enable_checkpointing=true")])
+    (stage1,) = sorted((tmp_path / "stage1").rglob("*.ckpt"))
+    config = tmp_path / "stage2.yaml"
+    config.write_text(STAGE2_CONFIG)
+    common = ["--config", str(config), f"--trainer.default_root_dir={tmp_path / 'stage2'}"]
+    with pytest.raises(ValueError, match="`init_from` is not set"):
+        main(["fit", *common])
+    # LWS: stage-1 head frozen, per-class scales learned on class-balanced batches
+    lws = ["--model.init_args.freeze_head=true", "--model.init_args.learnable_scales=true"]
+    main(["fit", *common, f"--model.init_args.init_from={stage1}", "--trainer.enable_checkpointing=true", *lws])
+    (stage2,) = sorted((tmp_path / "stage2").rglob("*.ckpt"))
+    restored = DecoupledClassifier.load_from_checkpoint(stage2)
+    first = torch.load(stage1, map_location="cpu", weights_only=True)["state_dict"]
+    torch.testing.assert_close(restored.state_dict()["backbone.layers.1.weight"], first["backbone.layers.1.weight"])
+    torch.testing.assert_close(restored.head.weight, first["head.weight"])
+    assert not torch.allclose(restored.logit_scales, torch.ones(10))
+    # tau-normalisation: nothing to train, tau chosen by `validate`
+    tau = ["--model.init_args.freeze_head=true", "--model.init_args.tau_norm=true", f"--model.init_args.init_from={stage1}"]
+    with pytest.warns(UserWarning, match="is the test split"):  # DigitsLT has no validation split
+        cli = LightningLTCLI(args=["validate", *common, *tau])
+    assert float(cli.trainer.callback_metrics["val/tau"]) == pytest.approx(float(cli.model.chosen_tau))
+    assert min(abs(float(cli.model.chosen_tau) - 0.1 * i) for i in range(21)) < 1e-6  # on the official grid
+    with pytest.raises(ValueError, match="nothing to train.*lightning-lt validate"):
+        main(["fit", *common, *tau])

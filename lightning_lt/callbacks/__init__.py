@@ -1,8 +1,22 @@
 """Lightning callbacks for long-tailed training."""
 
 from lightning_lt.callbacks.drw import DeferredReweighting
+from lightning_lt.callbacks.maxnorm import MaxNorm
 from lightning_lt.callbacks.memory_bank import TailMemoryBank
+from lightning_lt.callbacks.mixup import CutMix, Mixup
 from lightning_lt.callbacks.sam import SAM, SSESAM, ImbSAM, OptimizerStages, SAMAdapter
 from lightning_lt.callbacks.stages import StageCallback
 
-__all__ = ["SAM", "SSESAM", "DeferredReweighting", "ImbSAM", "OptimizerStages", "SAMAdapter", "StageCallback", "TailMemoryBank"]
+__all__ = [
+    "SAM",
+    "SSESAM",
+    "CutMix",
+    "DeferredReweighting",
+    "ImbSAM",
+    "MaxNorm",
+    "Mixup",
+    "OptimizerStages",
+    "SAMAdapter",
+    "StageCallback",
+    "TailMemoryBank",
+]

@@ -11,8 +11,10 @@ from lightning_lt.losses.base import LongTailLoss
 from lightning_lt.losses.class_balanced import ClassBalancedLoss, class_balanced_weights
 from lightning_lt.losses.cross_entropy import CrossEntropyLoss
 from lightning_lt.losses.focal import FocalLoss
+from lightning_lt.losses.label_aware_smoothing import LabelAwareSmoothingLoss
 from lightning_lt.losses.ldam import LDAMLoss
 from lightning_lt.losses.logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
+from lightning_lt.losses.mixing import MixedTarget, mixed_loss
 from lightning_lt.losses.multilabel import AsymmetricLoss
 from lightning_lt.losses.pixel_auc import PixelAUCLoss
 
@@ -23,9 +25,12 @@ __all__ = [
     "CrossEntropyLoss",
     "FocalLoss",
     "LDAMLoss",
+    "LabelAwareSmoothingLoss",
     "LogitAdjustedLoss",
     "LongTailLoss",
+    "MixedTarget",
     "PixelAUCLoss",
     "class_balanced_weights",
     "functional",
+    "mixed_loss",
 ]

@@ -12,8 +12,10 @@ from lightning_lt.losses.base import weighted_reduce
 from lightning_lt.losses.class_balanced import class_balanced_loss, class_balanced_weights
 from lightning_lt.losses.cross_entropy import cross_entropy
 from lightning_lt.losses.focal import focal_loss
+from lightning_lt.losses.label_aware_smoothing import label_aware_smoothing, label_aware_smoothing_epsilons
 from lightning_lt.losses.ldam import ldam_loss, ldam_margins
 from lightning_lt.losses.logit_adjusted import balanced_softmax_loss, logit_adjusted_cross_entropy
+from lightning_lt.losses.mixing import mixed_loss
 from lightning_lt.losses.multilabel import asymmetric_loss, energy_gap_loss, joint_energy, outlier_confidence_loss
 from lightning_lt.losses.pixel_auc import pixel_auc_loss
 
@@ -27,9 +29,12 @@ __all__ = [
     "class_balanced_weights",
     "cross_entropy",
     "focal_loss",
+    "label_aware_smoothing",
+    "label_aware_smoothing_epsilons",
     "ldam_loss",
     "ldam_margins",
     "logit_adjusted_cross_entropy",
+    "mixed_loss",
     "pixel_auc_loss",
     "weighted_reduce",
 ]

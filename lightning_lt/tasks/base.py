@@ -152,8 +152,12 @@ class TaskModule(LightningModule):
             config = factory_config(value, factories[key]) if key in factories else None
             self.hparams[key] = config if config is not None else f"{NOT_SAVED} {describe_object(value)}>"
 
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer of :meth:`configure_optimizers`: ``optimizer_factory(self.parameters())``."""
+        return self.optimizer_factory(self.parameters())
+
     def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer_factory(self.parameters())
+        optimizer = self.build_optimizer()
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -12,7 +12,15 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
-from lightning_lt.losses import BalancedSoftmaxLoss, CrossEntropyLoss, LDAMLoss, LogitAdjustedLoss, LongTailLoss
+from lightning_lt.losses import (
+    BalancedSoftmaxLoss,
+    CrossEntropyLoss,
+    LDAMLoss,
+    LogitAdjustedLoss,
+    LongTailLoss,
+    MixedTarget,
+    mixed_loss,
+)
 from lightning_lt.losses.base import check_target_range
 from lightning_lt.metrics import LongTailAccuracy, shot_groups
 from lightning_lt.nets import build_head
@@ -91,6 +99,13 @@ class LongTailClassifier(TaskModule):
             holds the last epoch's values.
         plot_per_class: log the per-class accuracy figure at the end of each validation epoch.
 
+    Batch transforms: ``batch_transforms`` is a list of callables ``(x, y) -> (x, y)`` applied to every training batch
+    before the forward pass; :class:`~lightning_lt.callbacks.Mixup` / :class:`~lightning_lt.callbacks.CutMix` add
+    themselves to it. A transform may return a :class:`~lightning_lt.losses.MixedTarget` ``(y_a, y_b, lam)`` as the
+    target; the training loss is then :func:`~lightning_lt.losses.mixed_loss`,
+    ``lam * loss(logits, y_a) + (1 - lam) * loss(logits, y_b)``, and ``training_step`` returns the loss alone (no
+    per-sample losses: the head / tail split of ImbSAM / SSE-SAM is undefined for mixed labels).
+
     A checkpoint saved in plain Python (not by the CLI, whose checkpoints hold the config) records ``loss``,
     ``optimizer`` and ``lr_scheduler`` given as a class or a ``functools.partial`` of one with plain keyword
     arguments as ``class_path`` / ``init_args``, so ``LongTailClassifier.load_from_checkpoint(path)`` rebuilds
@@ -163,6 +178,9 @@ class LongTailClassifier(TaskModule):
         self.plot_per_class = plot_per_class
         self.many_threshold = many_threshold
         self.few_threshold = few_threshold
+        #: Callables ``(x, y) -> (x, y)`` applied to every training batch (Mixup / CutMix callbacks add themselves).
+        self.batch_transforms: list[Callable[[Tensor, Tensor], tuple[Tensor, Any]]] = []
+        self._transformed_batch: Optional[tuple[Any, Tensor, Any]] = None
 
         if class_counts is not None:
             counts = torch.tensor(class_counts, dtype=torch.float)
@@ -210,9 +228,15 @@ class LongTailClassifier(TaskModule):
     # -------------------------------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Union[Tensor, dict[str, Tensor]]:
         """The batch loss; with a :mod:`lightning_lt.losses` loss also the per-sample losses and targets
-        (``{"loss", "per_sample_loss", "target"}``, the protocol of the ImbSAM / SSE-SAM callbacks)."""
-        x, y = batch
-        logits = self(x)
+        (``{"loss", "per_sample_loss", "target"}``, the protocol of the ImbSAM / SSE-SAM callbacks). A batch mixed by a
+        :attr:`batch_transforms` entry gives the mixed loss alone."""
+        x, y = self._transform_batch(batch)
+        logits = self.training_logits(x)
+        if isinstance(y, MixedTarget):
+            self._check_target(y.y_a)
+            loss = mixed_loss(self.loss, logits, y)
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.y_a.shape[0])
+            return loss
         self._check_target(y)
         if isinstance(self.loss, LongTailLoss) and self.loss.reduction == "mean":
             per_sample = self.loss.per_sample_loss(logits, y)
@@ -223,6 +247,23 @@ class LongTailClassifier(TaskModule):
             output = loss
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=y.shape[0])
         return output
+
+    def _transform_batch(self, batch: Any) -> tuple[Tensor, Any]:
+        """``(x, y)`` of a training batch after :attr:`batch_transforms`, drawn once per batch: the SAM-family callbacks
+        run ``training_step`` several times on one batch, and every pass must see the same mixed images."""
+        x, y = batch
+        if not self.batch_transforms:
+            return x, y
+        cached = self._transformed_batch
+        if cached is None or cached[0] is not batch:  # holding `batch` keeps its id from being reused
+            for transform in self.batch_transforms:
+                x, y = transform(x, y)
+            self._transformed_batch = cached = (batch, x, y)
+        return cached[1], cached[2]
+
+    def training_logits(self, x: Tensor) -> Tensor:
+        """The logits ``training_step`` scores for a (transformed) training batch ``x``: ``self(x)``."""
+        return self(x)
 
     def _check_target(self, target: Tensor) -> None:
         """Labels outside ``[0, num_classes)`` raise (the lightning_lt losses check them themselves)."""
@@ -248,7 +289,10 @@ class LongTailClassifier(TaskModule):
         metric.update(self.eval_logits(logits), y)
 
     def on_validation_epoch_end(self) -> None:
-        per_class = self._log_epoch_metrics("val", self.val_metric)
+        self._plot_per_class(self._log_epoch_metrics("val", self.val_metric))
+
+    def _plot_per_class(self, per_class: Tensor) -> None:
+        """Log the per-class accuracy figure of a validation epoch (``plot_per_class``, rank zero, loggers set)."""
         if (
             self.plot_per_class
             and self.class_counts is not None

@@ -188,6 +188,47 @@ def ood_score_histogram_figure(
     return figure
 
 
+def tau_curve_figure(
+    taus: Sequence[float],
+    balanced_accuracies: Sequence[float],
+    chosen_tau: Optional[float] = None,
+    title: str = "tau-normalisation: balanced accuracy vs tau",
+) -> Figure:
+    """Balanced accuracy against ``tau`` of tau-normalisation (one point per ``tau``), the chosen ``tau`` marked.
+
+    ``tau = 0`` is the stage-1 classifier, ``tau = 1`` unit-norm class weights. ``nan`` accuracies are left out.
+
+    Args:
+        taus: the ``tau`` grid.
+        balanced_accuracies: balanced (mean per-class) accuracy at each ``tau``.
+        chosen_tau: the selected ``tau`` (a dashed vertical line), or ``None``.
+        title: the axes title.
+
+    Raises:
+        ValueError: ``taus`` and ``balanced_accuracies`` differ in length.
+    """
+    tau = np.asarray(taus, dtype=float).reshape(-1)
+    acc = np.asarray(balanced_accuracies, dtype=float).reshape(-1)
+    if tau.size != acc.size:
+        raise ValueError(f"Expected one balanced accuracy per tau, got {tau.size} taus and {acc.size} accuracies")
+    figure = Figure(figsize=(6.4, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    keep = ~np.isnan(acc)
+    ax.plot(tau[keep], acc[keep], marker="o", ms=4, color=_HEAD_COLOR, zorder=3)
+    if chosen_tau is not None and np.isfinite(chosen_tau):
+        best = acc[np.argmin(np.abs(tau - chosen_tau))] if tau.size else float("nan")
+        label = f"chosen tau {chosen_tau:g}" + (f" ({best:.4f})" if np.isfinite(best) else "")
+        ax.axvline(chosen_tau, color=_TAIL_COLOR, ls="--", lw=1.0, label=label, zorder=2)
+        ax.legend(loc="lower right", fontsize="small")
+    ax.set_xlabel("tau (class weights divided by their norm^tau)")
+    ax.set_ylabel("balanced accuracy")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
 def figure_to_array(figure: Figure) -> np.ndarray:
     """Render a figure to an ``H x W x 3`` uint8 array."""
     canvas = figure.canvas if isinstance(figure.canvas, FigureCanvasAgg) else FigureCanvasAgg(figure)

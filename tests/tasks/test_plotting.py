@@ -131,3 +131,16 @@ def test_ood_score_histogram_figure_without_ood_scores_or_with_non_finite_ones()
     assert figure_to_array(figure).dtype == np.uint8
     (ax,) = figure.axes
     assert ax.texts[0].get_text() == "2 non-finite OOD scores left out"
+
+
+def test_tau_curve_figure_marks_the_chosen_tau_and_skips_nan():
+    from lightning_lt.tasks.plotting import tau_curve_figure
+
+    figure = tau_curve_figure([0.0, 0.5, 1.0], [0.4, float("nan"), 0.6], chosen_tau=1.0)
+    (ax,) = figure.axes
+    (curve,) = [line for line in ax.lines if line.get_marker() == "o"]
+    assert curve.get_xdata().tolist() == [0.0, 1.0]
+    assert "chosen tau 1 (0.6000)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert figure_to_array(figure).ndim == 3
+    with pytest.raises(ValueError, match="one balanced accuracy per tau, got 3 taus and 2"):
+        tau_curve_figure([0.0, 0.5, 1.0], [0.4, 0.5])
