@@ -40,7 +40,7 @@ def test_data_facts_are_linked_into_the_model(tmp_path):
     cli = LightningLTCLI(args=fast_args(tmp_path), run=False)
     assert isinstance(cli.model, LongTailClassifier)
     assert cli.model.num_classes == 10
-    assert cli.model.class_counts == [130, 100, 77, 60, 46, 36, 28, 21, 16, 13] == cli.datamodule.class_counts
+    assert cli.model.class_counts == [117, 90, 69, 54, 41, 32, 25, 19, 14, 12] == cli.datamodule.class_counts
     assert cli.model.class_names == [str(i) for i in range(10)]
     assert cli.model.loss.log_prior.shape == (10,)  # the loss was built with the linked counts
 
@@ -77,7 +77,7 @@ def test_fit_prints_summary_and_checkpoint_reloads(tmp_path, caplog):
     assert checkpoints, "fit should have saved a checkpoint"
     # hyper-parameters saved by the CLI are the config: the model is rebuilt without arguments
     restored = LongTailClassifier.load_from_checkpoint(checkpoints[-1])
-    assert restored.class_counts == [130, 100, 77, 60, 46, 36, 28, 21, 16, 13]
+    assert restored.class_counts == [117, 90, 69, 54, 41, 32, 25, 19, 14, 12]
     assert type(restored.backbone).__name__ == "MLP"
     state = torch.load(checkpoints[-1], map_location="cpu", weights_only=False)["state_dict"]
     torch.testing.assert_close(restored.state_dict()["head.weight"], state["head.weight"])
@@ -119,7 +119,7 @@ model:
       init_args: {lr: 0.05, momentum: 0.9}
 data:
   class_path: lightning_lt.datamodules.DigitsLT
-  init_args: {imbalance_factor: 10, batch_size: 64, num_workers: 0, sampler: class_balanced}
+  init_args: {imbalance_factor: 10, val_fraction: 0.1, batch_size: 64, num_workers: 0, sampler: class_balanced}
 """
 
 
@@ -144,8 +144,8 @@ def test_stage2_runs_from_the_stage1_checkpoint_of_the_cli(tmp_path):
     assert not torch.allclose(restored.logit_scales, torch.ones(10))
     # tau-normalisation: nothing to train, tau chosen by `validate`
     tau = ["--model.init_args.freeze_head=true", "--model.init_args.tau_norm=true", f"--model.init_args.init_from={stage1}"]
-    with pytest.warns(UserWarning, match="is the test split"):  # DigitsLT has no validation split
-        cli = LightningLTCLI(args=["validate", *common, *tau])
+    cli = LightningLTCLI(args=["validate", *common, *tau])  # tau chosen on the held-out split, not the test split
+    assert cli.datamodule.validates_on_test_split is False
     assert float(cli.trainer.callback_metrics["val/tau"]) == pytest.approx(float(cli.model.chosen_tau))
     assert min(abs(float(cli.model.chosen_tau) - 0.1 * i) for i in range(21)) < 1e-6  # on the official grid
     with pytest.raises(ValueError, match="nothing to train.*lightning-lt validate"):

@@ -185,7 +185,6 @@ def model_class(config: Path) -> str:
 #: Data modules of the configs without a held-out classification split, and what their `val_dataloader` reads.
 #: All but CamVid validate on the split that `test` evaluates.
 OTHER_VALIDATION = {
-    "DigitsLT": "the test split (quickstart demo: nothing is chosen on val, no checkpoint or early stopping)",
     "CamVid": "CamVid's own `val` split (`val_split='val'`); `test` evaluates the `test` split",
     "ADE20K": "the official `validation` split, which `test` evaluates too (the test labels are not public)",
     "Cityscapes": "the official `val` split, which `test` evaluates too (the test labels are not public)",
@@ -204,9 +203,11 @@ def test_every_config_validates_on_a_held_out_split_or_is_listed():
     module listed in OTHER_VALIDATION with what it validates on (a new config family has to be added to one or
     the other)."""
     families = {data_class(c) for c in CONFIGS}
-    assert {data_class(c) for c in CLASSIFICATION_CONFIGS} == {"CIFAR10LT", "CIFAR100LT", "ImageFolderLT"}
-    assert families - set(OTHER_VALIDATION) == {"CIFAR10LT", "CIFAR100LT", "ImageFolderLT"}
-    assert len(CLASSIFICATION_CONFIGS) == 30  # 14 CIFAR-10-LT, 14 CIFAR-100-LT (with wb_stage1, mislas_stage1), 2 folders
+    classification = {"CIFAR10LT", "CIFAR100LT", "ImageFolderLT", "DigitsLT"}
+    assert {data_class(c) for c in CLASSIFICATION_CONFIGS} == classification
+    assert families - set(OTHER_VALIDATION) == classification
+    # 14 CIFAR-10-LT, 14 CIFAR-100-LT (with wb_stage1, mislas_stage1), 2 folders, the quickstart
+    assert len(CLASSIFICATION_CONFIGS) == 31
 
 
 @pytest.mark.parametrize("config", CLASSIFICATION_CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
@@ -231,6 +232,11 @@ def test_classification_configs_validate_on_held_out_training_images(config, fak
         assert dm.val_per_class == 50
         assert len(dm.val_indices) == 50 * dm.num_classes  # images of the training pickles
         assert not set(dm.val_indices.tolist()) & set(dm.train_indices.tolist())
+    elif data_class(config) == "DigitsLT":  # the quickstart: a share of the long-tailed training images
+        assert dm.val_fraction > 0
+        train_pos, val_pos = dm.split_positions()
+        assert len(val_pos) == len(dm.val_dataset) > 0 and not set(val_pos.tolist()) & set(train_pos.tolist())
+        assert len(train_pos) + len(val_pos) == len(dm._pool_targets())
     else:
         assert dm.val_fraction > 0
         train_dir = os.path.join(dm.root, dm.train_dir) + os.sep

@@ -39,9 +39,16 @@ class DigitsLT(LongTailDataModule):
         batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size:
             see :class:`~lightning_lt.datamodules.base.LongTailDataModule`.
 
+    Validation (``val_fraction > 0``): that share of each class's long-tailed training images is held out as the
+    validation split (``floor(val_fraction * n_c + 0.5)`` per class, seeded by ``seed``, the same on every DDP rank;
+    see :class:`~lightning_lt.datamodules.base.LongTailDataModule`), and ``class_counts`` counts the rest. With
+    ``val_fraction=0`` it validates on the test split.
+
     Example:
         >>> DigitsLT(imbalance_factor=10).class_counts
         [130, 100, 77, 60, 46, 36, 28, 21, 16, 13]
+        >>> DigitsLT(imbalance_factor=10, val_fraction=0.1).class_counts
+        [117, 90, 69, 54, 41, 32, 25, 19, 14, 12]
     """
 
     def __init__(
@@ -58,8 +65,12 @@ class DigitsLT(LongTailDataModule):
         pin_memory: bool = False,
         persistent_workers: bool = False,
         eval_batch_size: Optional[int] = None,
+        val_fraction: float = 0.0,
     ) -> None:
-        super().__init__(batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size)
+        super().__init__(
+            batch_size, num_workers, sampler, seed, pin_memory, persistent_workers, eval_batch_size,
+            val_fraction=val_fraction,
+        )
         if test_per_class < 1:
             raise ValueError(f"Expected `test_per_class` >= 1, got {test_per_class}")
         if not 1 <= n_max <= 174 - test_per_class:
@@ -72,11 +83,11 @@ class DigitsLT(LongTailDataModule):
         self.n_max = n_max
         self.test_per_class = test_per_class
         self.imbalance_seed = imbalance_seed
-        self._train_targets: Optional[list[int]] = None
-        self._compute_class_counts()  # validate the profile arguments now
+        imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)  # validate the profile arguments now
 
-    def _compute_class_counts(self) -> list[int]:
-        return imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)
+    def _pool_targets(self) -> list[int]:
+        # long_tailed_indices keeps the images grouped by class in ascending order
+        return np.repeat(np.arange(10), imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)).tolist()
 
     def _compute_class_names(self) -> list[str]:
         return [str(i) for i in range(10)]
@@ -91,19 +102,19 @@ class DigitsLT(LongTailDataModule):
             test_idx.append(idx[: self.test_per_class])
             pool_idx.append(idx[self.test_per_class :])
         pool = np.sort(np.concatenate(pool_idx))
-        train = pool[long_tailed_indices(targets[pool], self.class_counts, seed=self.imbalance_seed)]
-        return train, np.sort(np.concatenate(test_idx))
+        counts = imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)
+        long_tailed = pool[long_tailed_indices(targets[pool], counts, seed=self.imbalance_seed)]
+        return long_tailed, np.sort(np.concatenate(test_idx))
 
     def setup(self, stage: str = "fit") -> None:
         images, targets = _load_digits()
-        train_idx, test_idx = self._split()
+        long_tailed, test_idx = self._split()
+        if not np.array_equal(targets[long_tailed], np.asarray(self._pool_targets())):
+            raise RuntimeError(f"{type(self).__name__}: the long-tailed subset is not grouped by class")
+        train_pos, val_pos = self.split_positions()
         x, y = torch.from_numpy(images).unsqueeze(1), torch.from_numpy(targets)
+        train_idx = long_tailed[train_pos]
         self.train_dataset = TensorDataset(x[train_idx], y[train_idx])
         self.train_eval_dataset = self.train_dataset  # no augmentation
         self.test_dataset = TensorDataset(x[test_idx], y[test_idx])
-        self._train_targets = y[train_idx].tolist()
-
-    def train_targets(self) -> list[int]:
-        if self._train_targets is None:
-            self.setup("fit")
-        return list(self._train_targets)
+        self.val_dataset = TensorDataset(x[long_tailed[val_pos]], y[long_tailed[val_pos]]) if val_pos.size else None

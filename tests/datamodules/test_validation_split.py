@@ -191,3 +191,24 @@ def test_the_split_is_identical_on_two_ddp_processes(root, tmp_path):
         assert record["class_counts"] == single.class_counts
     shards = [record["shard"] for record in records]
     assert sorted(shards[0] + shards[1]) == list(range(len(single.val_dataset)))  # each image on one rank
+
+
+def test_digits_hold_out_a_share_of_their_long_tailed_images():
+    """DigitsLT (the quickstart): the held-out images are those of the long-tailed subset, per class
+    ``floor(0.1 n_c + 0.5)`` of them; training + validation images are exactly the images it trains on with no
+    hold-out, in the same order, and none of them is a test image."""
+    full, held = DigitsLT(imbalance_factor=10), DigitsLT(imbalance_factor=10, val_fraction=0.1)
+    full.setup("fit")
+    held.setup("fit")
+    assert held.class_counts == [n - h for n, h in zip(full.class_counts, held_out_counts(full.class_counts, 0.1))]
+    assert held.validates_on_test_split is False and full.validates_on_test_split is True
+    assert Counter(held.val_dataset.tensors[1].tolist()) == dict(enumerate(held_out_counts(full.class_counts, 0.1)))
+    assert held.train_targets() == held.train_dataset.tensors[1].tolist()
+    rows = lambda x: {tuple(r) for r in x.flatten(1).tolist()}  # noqa: E731
+    train, val = held.train_dataset.tensors[0], held.val_dataset.tensors[0]
+    assert rows(train) | rows(val) == rows(full.train_dataset.tensors[0])
+    assert not rows(val) & rows(held.test_dataset.tensors[0])
+    train_pos, _ = held.split_positions()
+    torch.testing.assert_close(train, full.train_dataset.tensors[0][torch.from_numpy(train_pos)])
+    with pytest.raises(ValueError, match=r"holds out all 16 training image\(s\) of class 8"):
+        DigitsLT(imbalance_factor=10, val_fraction=0.97).split_positions()
