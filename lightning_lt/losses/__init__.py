@@ -10,6 +10,7 @@ from lightning_lt.losses import functional
 from lightning_lt.losses.base import LongTailLoss
 from lightning_lt.losses.class_balanced import ClassBalancedLoss, class_balanced_weights
 from lightning_lt.losses.cross_entropy import CrossEntropyLoss
+from lightning_lt.losses.experts import DirMixELoss, ExpertLoss, RIDELoss, SADELoss
 from lightning_lt.losses.focal import FocalLoss
 from lightning_lt.losses.ldam import LDAMLoss
 from lightning_lt.losses.logit_adjusted import BalancedSoftmaxLoss, LogitAdjustedLoss
@@ -21,11 +22,15 @@ __all__ = [
     "BalancedSoftmaxLoss",
     "ClassBalancedLoss",
     "CrossEntropyLoss",
+    "DirMixELoss",
+    "ExpertLoss",
     "FocalLoss",
     "LDAMLoss",
     "LogitAdjustedLoss",
     "LongTailLoss",
     "PixelAUCLoss",
+    "RIDELoss",
+    "SADELoss",
     "class_balanced_weights",
     "functional",
 ]

@@ -11,6 +11,7 @@ Example:
 from lightning_lt.losses.base import weighted_reduce
 from lightning_lt.losses.class_balanced import class_balanced_loss, class_balanced_weights
 from lightning_lt.losses.cross_entropy import cross_entropy
+from lightning_lt.losses.experts import dirichlet_meta_draws, dirmixe_loss, inverse_prior, ride_loss, sade_loss, semi_variance
 from lightning_lt.losses.focal import focal_loss
 from lightning_lt.losses.ldam import ldam_loss, ldam_margins
 from lightning_lt.losses.logit_adjusted import balanced_softmax_loss, logit_adjusted_cross_entropy
@@ -26,10 +27,16 @@ __all__ = [
     "class_balanced_loss",
     "class_balanced_weights",
     "cross_entropy",
+    "dirichlet_meta_draws",
+    "dirmixe_loss",
+    "inverse_prior",
     "focal_loss",
     "ldam_loss",
     "ldam_margins",
     "logit_adjusted_cross_entropy",
     "pixel_auc_loss",
+    "ride_loss",
+    "sade_loss",
+    "semi_variance",
     "weighted_reduce",
 ]
