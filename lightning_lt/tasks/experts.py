@@ -193,7 +193,7 @@ class MultiExpertClassifier(TaskModule):
                 "`router_top_choices` (RIDE: 30 for CIFAR-100, at most the number of classes)."
             )
         self.train_router, self.route = bool(train_router), bool(route)
-        if self.train_router:  # RIDE trains the router on frozen experts
+        if self.train_router:  # RIDE trains the router on frozen experts (no gradients: the optimizer skips them)
             self.backbone.requires_grad_(False)
         self.routed_experts = nn.ModuleDict({"val": WeightedMean(), "test": WeightedMean()})
 
@@ -239,15 +239,6 @@ class MultiExpertClassifier(TaskModule):
         return logits
 
     # -------------------------------------------------------------------------------------- training
-    def configure_optimizers(self) -> Any:
-        if not self.train_router:
-            return super().configure_optimizers()
-        optimizer = self.optimizer_factory(self.router.parameters())  # type: ignore[union-attr]
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
-
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         if self.train_router:
