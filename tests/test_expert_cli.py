@@ -34,7 +34,7 @@ def overrides(root, tmp_path) -> list[str]:
         "--data=lightning_lt.datamodules.ImageFolderLT", f"--data.init_args.root={root}",
         "--data.init_args.imbalance_factor=1", "--data.init_args.batch_size=4", "--data.init_args.num_workers=0",
         "--model.init_args.backbone.init_args.depth=8", "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
     ]  # fmt: skip
 
 
@@ -44,8 +44,7 @@ def test_sade_config_fit_then_test_with_aggregation_over_test_distributions(tiny
     config = str(REPO_ROOT / "configs" / "cifar10_lt" / "sade.yaml")
     LightningLTCLI(args=["fit", "--config", config, *overrides(tiny_folder, tmp_path), "--trainer.max_epochs=1",
                          "--trainer.limit_val_batches=1"])  # fmt: skip
-    ckpt = tmp_path / "checkpoints" / "last.ckpt"
-    assert ckpt.exists()
+    (ckpt,) = tmp_path.rglob("last.ckpt")
     cli = LightningLTCLI(args=[
         "test", "--config", config, "--config", str(REPO_ROOT / "configs" / "trainer" / "test_time_aggregation.yaml"),
         *overrides(tiny_folder, tmp_path), f"--ckpt_path={ckpt}", "--trainer.callbacks.init_args.ratios=[2, 1]",

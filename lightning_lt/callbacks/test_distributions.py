@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_lt.callbacks.test_time_aggregation import TestTimeAggregation, check_has_experts
+from lightning_lt.callbacks.test_time_aggregation import TestTimeAggregation, check_has_experts, has_experts
 from lightning_lt.datamodules.test_distributions import (
     DEFAULT_TEST_RATIOS,
     TestDistribution,
@@ -34,7 +34,9 @@ _GROUP_KEYS = ("acc", "balanced_acc", "acc_many", "acc_medium", "acc_few")
 
 
 def accuracy_over_distributions_figure(
-    distributions: Sequence[TestDistribution], series: dict[str, Sequence[float]], title: str = "accuracy over test label distributions"
+    distributions: Sequence[TestDistribution],
+    series: dict[str, Sequence[float]],
+    title: str = "accuracy over test label distributions",
 ) -> Figure:
     """Accuracy against the test imbalance ratio: forward long-tailed on the left, uniform in the middle, backward
     on the right (x = ``log(ratio)``, negated for backward), one line per entry of ``series`` (the model, each expert,
@@ -152,7 +154,9 @@ class TestDistributions(Callback):
         self.adapted_indices: dict[str, np.ndarray] = {}
         self.scored_counts: dict[str, list[int]] = {}
 
-    def build(self, dataset: Dataset, num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> list[TestDistribution]:
+    def build(
+        self, dataset: Dataset, num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None
+    ) -> list[TestDistribution]:
         """The test distributions over ``dataset`` (which needs ``targets``)."""
         targets = getattr(dataset, "targets", None)
         if targets is None:
@@ -173,7 +177,9 @@ class TestDistributions(Callback):
         subset = Subset(dataset, indices.tolist())
         sampler = None
         if trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(subset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False)
+            sampler = UnrepeatedDistributedSampler(
+                subset, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+            )
         batch_size = self.batch_size or getattr(trainer.datamodule, "eval_batch_size", None) or 128
         return DataLoader(subset, batch_size=batch_size, shuffle=False, sampler=sampler)
 
@@ -205,10 +211,13 @@ class TestDistributions(Callback):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # empty shot groups give nan (CIFAR-10-LT has no few-shot class)
             out: dict[str, Any] = {k: float(v) for k, v in main.compute().items() if k in _GROUP_KEYS}
-            total = main.total.detach().clone()
-            out["_total"] = (trainer.strategy.reduce(total, reduce_op="sum") if trainer.world_size > 1 else total).cpu().tolist()
+            total = main.total.detach().clone()  # compute() restores the local states: sum them here
+            if trainer.world_size > 1:
+                total = trainer.strategy.reduce(total, reduce_op="sum")
+            out["_total"] = total.cpu().tolist()
             if experts:
-                out.update({f"equal_weights/{k}": float(v) for k, v in equal.compute().items() if k in _GROUP_KEYS})  # type: ignore[union-attr]
+                equal_values = equal.compute().items()  # type: ignore[union-attr]
+                out.update({f"equal_weights/{k}": float(v) for k, v in equal_values if k in _GROUP_KEYS})
                 for e, m in enumerate(per_expert):
                     out[f"expert{e}/acc"] = float(m.compute()["acc"])
         return out
@@ -220,7 +229,7 @@ class TestDistributions(Callback):
                 "TestDistributions scores the data module's `test_dataset`, but the trainer has none. HINT: run "
                 "`trainer.test(model, datamodule=...)` with a lightning_lt data module (the `lightning-lt test` CLI does)."
             )
-        experts = getattr(pl_module, "num_experts", None) is not None and callable(getattr(pl_module, "expert_logits", None))
+        experts = has_experts(pl_module)
         if self.aggregation is not None:
             check_has_experts(pl_module, "TestDistributions(aggregation=...)")
         counts = getattr(pl_module, "class_counts", None)

@@ -31,25 +31,33 @@ __all__ = [
     "TestTimeAggregation",
     "aggregate_expert_logits",
     "check_has_experts",
+    "has_experts",
     "prediction_stability",
     "sade_view_augment",
 ]
+
+
+def has_experts(module: Any) -> bool:
+    """Whether ``module`` is a mixture of experts (``num_experts >= 2`` and ``expert_logits``)."""
+    num = getattr(module, "num_experts", None)
+    is_count = isinstance(num, int) and not isinstance(num, bool) and num >= 2
+    return is_count and callable(getattr(module, "expert_logits", None))
 
 
 def check_has_experts(module: Any, owner: str = "TestTimeAggregation") -> int:
     """Return the number of experts of ``module``, or raise naming the problem when it has none.
 
     Raises:
-        ValueError: the module has no ``num_experts >= 2`` and ``expert_logits`` / ``set_expert_weights``.
+        ValueError: the module has no ``num_experts >= 2`` or no ``expert_logits``.
     """
-    num = getattr(module, "num_experts", None)
-    if isinstance(num, bool) or not isinstance(num, int) or num < 2 or not callable(getattr(module, "expert_logits", None)):
+    if not has_experts(module):
         raise ValueError(
             f"{owner} learns weights of a mixture of experts, but {type(module).__name__} has no experts "
-            f"(num_experts={num!r}). HINT: aggregate a lightning_lt.tasks.MultiExpertClassifier (RIDE, SADE, DirMixE "
-            "configs); a single model has nothing to aggregate."
+            f"(num_experts={getattr(module, 'num_experts', None)!r}). HINT: aggregate a "
+            "lightning_lt.tasks.MultiExpertClassifier (RIDE, SADE, DirMixE configs); a single model has nothing to "
+            "aggregate."
         )
-    return num
+    return module.num_experts
 
 
 def aggregate_expert_logits(expert_logits: Tensor, weights: Tensor) -> Tensor:
@@ -62,7 +70,9 @@ def aggregate_expert_logits(expert_logits: Tensor, weights: Tensor) -> Tensor:
     return torch.einsum("e,ebc->bc", weights.to(expert_logits.dtype), expert_logits)
 
 
-def prediction_stability(logits_view1: Tensor, logits_view2: Tensor, raw_weights: Tensor, reduction: str = "mean") -> Tensor:
+def prediction_stability(
+    logits_view1: Tensor, logits_view2: Tensor, raw_weights: Tensor, reduction: str = "mean"
+) -> Tensor:
     """SADE's self-supervised objective: the cosine similarity (eps ``1e-6``) of the softmax predictions of two
     views, each ``softmax(sum_e softmax(a)_e z_e)``; ``reduction="mean"`` (SADE) or ``"sum"`` over the batch.
 
@@ -226,7 +236,8 @@ class TestTimeAggregation(Callback):
             ValueError: ``module`` has no experts, ``dataset`` has no ``transform``.
         """
         num_experts = check_has_experts(module)
-        indices_np = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)  # type: ignore[arg-type]
+        size = len(dataset)  # type: ignore[arg-type]
+        indices_np = np.arange(size) if indices is None else np.asarray(indices, dtype=np.int64)
         world = trainer.world_size if trainer is not None else 1
         rank = trainer.global_rank if trainer is not None else 0
         device = next(module.parameters()).device
@@ -294,4 +305,7 @@ class TestTimeAggregation(Callback):
         metrics = trainer.callback_metrics
         before, after = metrics.get("test/equal_weights/acc"), metrics.get("test/acc")
         if before is not None and after is not None:
-            rank_zero_info(f"TestTimeAggregation: test accuracy {float(before):.4f} with equal weights, {float(after):.4f} aggregated.")
+            rank_zero_info(
+                f"TestTimeAggregation: test accuracy {float(before):.4f} with equal weights, {float(after):.4f} "
+                "aggregated."
+            )

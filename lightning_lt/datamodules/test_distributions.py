@@ -173,11 +173,11 @@ def select_test_indices(
         [1, 0, 2]
     """
     targets_np = np.asarray(targets, dtype=np.int64).reshape(-1)
-    available = np.bincount(targets_np[targets_np >= 0], minlength=len(counts)) if targets_np.size else np.zeros(len(counts), int)
     if targets_np.size and (targets_np.min() < 0 or targets_np.max() >= len(counts)):
         raise ValueError(
             f"The test set has labels in [{targets_np.min()}, {targets_np.max()}] but {name} has {len(counts)} classes."
         )
+    available = np.bincount(targets_np, minlength=len(counts))
     for c, n in enumerate(counts):
         if n > available[c]:
             label = f"class {c}" + (f" ({class_names[c]!r})" if class_names is not None else "")
@@ -229,7 +229,8 @@ def sade_test_distributions(
     if not ratios:
         raise ValueError("Expected at least one test imbalance ratio, got none.")
     targets_np, classes, per_class = _balanced_size(targets, num_classes)
-    plan = [("forward", r) for r in ratios if r > 1] + [("uniform", 1.0)] + [("backward", r) for r in reversed(ratios) if r > 1]
+    plan = [("forward", r) for r in ratios if r > 1] + [("uniform", 1.0)]
+    plan += [("backward", r) for r in reversed(ratios) if r > 1]
     out = []
     for direction, ratio in plan:
         name = distribution_name(direction, ratio)
@@ -258,7 +259,7 @@ def dirichlet_test_counts(
     """
     if concentration is None:
         concentration = float(num_per_class)
-    if isinstance(concentration, bool) or not isinstance(concentration, (int, float)) or not concentration > 0 or not math.isfinite(concentration):
+    if isinstance(concentration, bool) or not isinstance(concentration, (int, float)) or not 0 < concentration < math.inf:
         raise ValueError(
             f"Expected the Dirichlet concentration to be a finite number > 0, got {concentration!r}. HINT: DirMixE uses "
             "the balanced test set's images per class (leave `concentration=None`); smaller values give draws further "
@@ -310,4 +311,5 @@ def dirichlet_test_distribution(
     counts = dirichlet_test_counts(base, per_class, rng, concentration)
     name = f"dirichlet_{distribution_name(direction, ratio)}_{draw}"
     indices = select_test_indices(targets_np, counts, f"test distribution {name!r}", rng=rng, class_names=class_names)
-    return TestDistribution(name, "uniform" if name.startswith("dirichlet_uniform") else direction, ratio, counts, indices, "dirichlet")
+    direction = "uniform" if name.startswith("dirichlet_uniform") else direction
+    return TestDistribution(name, direction, ratio, counts, indices, "dirichlet")

@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_lt.losses.base import as_class_counts, check_class_vector, check_non_negative, check_positive, check_target_range
+from lightning_lt.losses.base import (
+    as_class_counts,
+    check_class_vector,
+    check_non_negative,
+    check_positive,
+    check_target_range,
+)
 from lightning_lt.losses.class_balanced import _check_beta, class_balanced_weights
 from lightning_lt.losses.ldam import ldam_margins
 
@@ -90,7 +96,9 @@ def check_expert_logits(
             f"{tuple(target.shape)}."
         )
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise ValueError(f"{owner} expects integer class indices as `target`, got dtype {target.dtype}; use `target.long()`.")
+        raise ValueError(
+            f"{owner} expects integer class indices as `target`, got dtype {target.dtype}; use `target.long()`."
+        )
     if num_classes is not None and expert_logits.shape[2] != num_classes:
         raise ValueError(
             f"{owner} got logits of {expert_logits.shape[2]} classes (shape {tuple(expert_logits.shape)}) but "
@@ -316,7 +324,8 @@ class RIDELoss(ExpertLoss):
         _check_beta(beta, owner)
         if reweight_epoch is not None:
             reweight_epoch = _check_int(reweight_epoch, "reweight_epoch", owner, 0)
-        for name, value in (("base_loss_factor", base_loss_factor), ("additional_diversity_factor", additional_diversity_factor)):
+        factors = {"base_loss_factor": base_loss_factor, "additional_diversity_factor": additional_diversity_factor}
+        for name, value in factors.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"Expected `{name}` of {owner} to be a finite number, got {value!r}.")
         self.max_m, self.s, self.beta = float(max_m), float(s), float(beta)
@@ -625,7 +634,7 @@ class DirMixELoss(ExpertLoss):
         self.prior = (counts32 / counts32.sum()).to(self.prior.dtype)
         self.log_prior = self.prior.log()
         owner = type(self).__name__
-        if isinstance(alpha_sum, bool) or not isinstance(alpha_sum, (int, float)) or not alpha_sum > 0 or not math.isfinite(alpha_sum):
+        if isinstance(alpha_sum, bool) or not isinstance(alpha_sum, (int, float)) or not 0 < alpha_sum < math.inf:
             raise ValueError(
                 f"Expected the Dirichlet concentration `alpha_sum` of {owner} to be a finite number > 0, got "
                 f"{alpha_sum!r}. HINT: DirMixE uses 1e4; smaller values spread the drawn label distributions further "

@@ -61,7 +61,7 @@ def _classifiers(num_experts: int, in_features: int, num_classes: int, use_norm:
 class MultiExpertCIFARResNet(nn.Module):
     """The CIFAR ResNet of RIDE / SADE / DirMixE (``ResNet_s`` of their ``*_resnet_cifar.py``) with ``E`` experts.
 
-    Shared: ``conv3x3(3 -> 16) -> BN -> ReLU -> stage 1`` (``n`` blocks of 16 channels; 16 is ``width``). Per expert: stage 2
+    Shared: ``conv3x3(3 -> 16) -> BN -> ReLU -> stage 1`` (``n`` blocks of 16 = ``width`` channels). Per expert: stage 2
     (``n`` blocks, stride 2, ``layer2_output_dim`` channels), stage 3 (``n`` blocks, stride 2, ``layer3_output_dim``
     channels), global average pooling, a cosine classifier (``NormedLinear``) times ``s`` (or a linear one,
     then ``s = 1`` as in the official code). ``depth = 6n + 2`` (32: ``n = 5``). Blocks are
@@ -173,7 +173,8 @@ def expert_resnet_archs() -> list[str]:
         >>> "resnet50" in expert_resnet_archs(), "resnext50_32x4d" in expert_resnet_archs()
         (True, True)
     """
-    return [n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith(("resnet", "resnext", "wide_resnet"))]
+    names = torchvision.models.list_models(module=torchvision.models)
+    return [n for n in names if n.startswith(("resnet", "resnext", "wide_resnet"))]
 
 
 class MultiExpertTorchvisionResNet(nn.Module):
@@ -366,7 +367,8 @@ class ExpertRouter(nn.Module):
         for i in range(self.num_experts - 1):
             logit = self.help_logits(expert_features[i], running[i] / (i + 1), i)
             helps = (~correct[i]) & correct[i + 1 :].any(dim=0)
-            loss = loss + F.binary_cross_entropy_with_logits(logit, helps.float(), pos_weight=logit.new_tensor([self.pos_weight]))
+            pos_weight = logit.new_tensor([self.pos_weight])
+            loss = loss + F.binary_cross_entropy_with_logits(logit, helps.float(), pos_weight=pos_weight)
         return loss / (self.num_experts - 1)
 
     @torch.no_grad()

@@ -180,13 +180,15 @@ class MultiExpertClassifier(TaskModule):
         self.equal_weight_metrics = nn.ModuleDict({stage: metric() for stage in ("val", "test")})
         self.router: Optional[ExpertRouter] = None
         if router_top_choices is not None:
-            if not (callable(getattr(self.backbone, "shared", None)) and callable(getattr(self.backbone, "expert_output", None))):
+            if not all(callable(getattr(self.backbone, name, None)) for name in ("shared", "expert_output")):
                 raise ValueError(
                     f"The expert router needs a backbone with `shared(x)` and `expert_output(shared, e)`, which "
                     f"{type(self.backbone).__name__} lacks. HINT: use lightning_lt.nets.MultiExpertCIFARResNet or "
                     "MultiExpertTorchvisionResNet."
                 )
-            self.router = ExpertRouter(num_experts, self.backbone.num_features, router_top_choices, pos_weight=router_pos_weight)
+            self.router = ExpertRouter(
+                num_experts, self.backbone.num_features, router_top_choices, pos_weight=router_pos_weight
+            )
         if (train_router or route) and self.router is None:
             raise ValueError(
                 f"`train_router={train_router}` / `route={route}` need RIDE's expert router. HINT: set "
@@ -329,9 +331,11 @@ class MultiExpertClassifier(TaskModule):
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test", self.test_metric)
 
-    def _group_values(self, metric: LongTailAccuracy) -> dict[str, Tensor]:
+    def _group_values(self, metric: LongTailAccuracy, quiet: bool = False) -> dict[str, Tensor]:
+        """``acc``, ``balanced_acc`` and the shot groups' accuracies; ``quiet``: no empty-group warning (the main
+        metric has given it once)."""
         with warnings.catch_warnings():
-            if not self.has_shot_groups:
+            if quiet or not self.has_shot_groups:
                 warnings.simplefilter("ignore")
             values = metric.compute()
         keys = ["acc", "balanced_acc"] + (["acc_many", "acc_medium", "acc_few"] if self.has_shot_groups else [])
@@ -346,11 +350,11 @@ class MultiExpertClassifier(TaskModule):
             self.routed_experts[stage].reset()
         elif self.log_experts:
             for e, expert_metric in enumerate(self.expert_metrics[stage]):
-                logged.update({f"{stage}/expert{e}/{k}": v for k, v in self._group_values(expert_metric).items()})
+                logged.update({f"{stage}/expert{e}/{k}": v for k, v in self._group_values(expert_metric, True).items()})
                 expert_metric.reset()
         if not self.equal_weights and not self.route:
             equal = self.equal_weight_metrics[stage]
-            logged.update({f"{stage}/equal_weights/{k}": v for k, v in self._group_values(equal).items()})
+            logged.update({f"{stage}/equal_weights/{k}": v for k, v in self._group_values(equal, True).items()})
             equal.reset()
         # torchmetrics has synchronised the values; sync_dist only averages equal numbers (warning-free DDP).
         self.log_dict(logged, sync_dist=True)
