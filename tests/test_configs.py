@@ -1,6 +1,5 @@
 """Every config in configs/ runs `lightning-lt fit --trainer.fast_dev_run=true`, with data paths overridden."""
 
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -10,7 +9,6 @@ import torch
 import yaml
 
 from lightning_lt.cli import LightningLTCLI, main
-from lightning_lt.datamodules import CIFAR10LT
 from lightning_lt.nets import CIFARResNet
 from lightning_lt.tasks import LongTailClassifier
 from tests.datamodules.test_cifar import make_cifar10, make_cifar100
@@ -125,16 +123,6 @@ def subcommand(config: Path) -> str:
     return "validate" if "tau_norm: true" in config.read_text() else "fit"
 
 
-def for_this_checkout(config: Path, tmp_path: Path) -> Path:
-    """The config, without `val_per_class` while CIFAR10LT / CIFAR100LT do not have it yet (the validation split of
-    issue 14 is added on the data side; once merged, every config is used as it is)."""
-    if "val_per_class" not in config.read_text() or "val_per_class" in inspect.signature(CIFAR10LT).parameters:
-        return config
-    copy = tmp_path / config.name
-    copy.write_text("\n".join(line for line in config.read_text().splitlines() if "val_per_class:" not in line) + "\n")
-    return copy
-
-
 def test_every_config_is_covered():
     names = {str(p.relative_to(REPO_ROOT / "configs")) for p in CONFIGS}
     assert "quickstart.yaml" in names
@@ -163,7 +151,7 @@ def test_config_fast_dev_run(config, fake_cifar_root, fake_data_roots, stage1_ch
     monkeypatch.chdir(REPO_ROOT)  # relative data paths in configs are relative to the repository root
     main([
         subcommand(config),
-        "--config", str(for_this_checkout(config, tmp_path)),
+        "--config", str(config),
         "--trainer.fast_dev_run=true",
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
@@ -194,7 +182,8 @@ OTHER_VALIDATION = {
     "VOCDetection": "`val_set` (VOC2007 `test` by convention), which `test` evaluates too",
 }
 CLASSIFICATION_CONFIGS = [
-    c for c in CONFIGS if model_class(c) == "LongTailClassifier" and data_class(c) not in OTHER_VALIDATION
+    c for c in CONFIGS
+    if model_class(c) in ("LongTailClassifier", "MultiExpertClassifier") and data_class(c) not in OTHER_VALIDATION
 ]
 
 
@@ -206,8 +195,8 @@ def test_every_config_validates_on_a_held_out_split_or_is_listed():
     classification = {"CIFAR10LT", "CIFAR100LT", "ImageFolderLT", "DigitsLT"}
     assert {data_class(c) for c in CLASSIFICATION_CONFIGS} == classification
     assert families - set(OTHER_VALIDATION) == classification
-    # 14 CIFAR-10-LT, 14 CIFAR-100-LT (with wb_stage1, mislas_stage1), 2 folders, the quickstart
-    assert len(CLASSIFICATION_CONFIGS) == 31
+    # 17 CIFAR-10-LT, 17 CIFAR-100-LT (with wb_stage1, mislas_stage1, ride, sade, dirmixe), 2 folders, the quickstart
+    assert len(CLASSIFICATION_CONFIGS) == 37
 
 
 @pytest.mark.parametrize("config", CLASSIFICATION_CONFIGS, ids=lambda p: str(p.relative_to(REPO_ROOT / "configs")))
@@ -253,7 +242,7 @@ def test_stage2_config_without_checkpoint_says_how_to_pass_it(config, fake_cifar
     monkeypatch.setattr(sys, "argv", ["lightning-lt"])
     monkeypatch.chdir(REPO_ROOT)
     with pytest.raises(ValueError, match="`init_from` is not set.*--model.init_args.init_from=PATH"):
-        main([subcommand(config), "--config", str(for_this_checkout(config, tmp_path)), "--trainer.accelerator=cpu",
+        main([subcommand(config), "--config", str(config), "--trainer.accelerator=cpu",
               f"--trainer.default_root_dir={tmp_path}", *data_overrides(config, fake_cifar_root, {})])  # fmt: skip
 
 

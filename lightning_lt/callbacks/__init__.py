@@ -6,6 +6,8 @@ from lightning_lt.callbacks.memory_bank import TailMemoryBank
 from lightning_lt.callbacks.mixup import CutMix, Mixup
 from lightning_lt.callbacks.sam import SAM, SSESAM, ImbSAM, OptimizerStages, SAMAdapter
 from lightning_lt.callbacks.stages import StageCallback
+from lightning_lt.callbacks.test_distributions import TestDistributions
+from lightning_lt.callbacks.test_time_aggregation import TestTimeAggregation
 
 __all__ = [
     "SAM",
@@ -19,4 +21,6 @@ __all__ = [
     "SAMAdapter",
     "StageCallback",
     "TailMemoryBank",
+    "TestDistributions",
+    "TestTimeAggregation",
 ]

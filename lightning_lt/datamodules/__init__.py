@@ -17,6 +17,12 @@ from lightning_lt.datamodules.multilabel import (
 from lightning_lt.datamodules.profiles import imbalance_counts, long_tailed_indices
 from lightning_lt.datamodules.samplers import ResampledSampler
 from lightning_lt.datamodules.segmentation import ADE20K, CamVid, Cityscapes, SegmentationDataModule, SegmentationDataset
+from lightning_lt.datamodules.test_distributions import (
+    TestDistribution,
+    dirichlet_test_distribution,
+    sade_test_counts,
+    sade_test_distributions,
+)
 
 __all__ = [
     "ADE20K",
@@ -39,8 +45,12 @@ __all__ = [
     "ResampledSampler",
     "SegmentationDataModule",
     "SegmentationDataset",
+    "TestDistribution",
     "VOCDetection",
     "VOCMultiLabel",
+    "dirichlet_test_distribution",
     "imbalance_counts",
     "long_tailed_indices",
+    "sade_test_counts",
+    "sade_test_distributions",
 ]

@@ -10,6 +10,7 @@ from lightning_lt.losses import functional
 from lightning_lt.losses.base import LongTailLoss
 from lightning_lt.losses.class_balanced import ClassBalancedLoss, class_balanced_weights
 from lightning_lt.losses.cross_entropy import CrossEntropyLoss
+from lightning_lt.losses.experts import DirMixELoss, ExpertLoss, RIDELoss, SADELoss
 from lightning_lt.losses.focal import FocalLoss
 from lightning_lt.losses.label_aware_smoothing import LabelAwareSmoothingLoss
 from lightning_lt.losses.ldam import LDAMLoss
@@ -23,6 +24,8 @@ __all__ = [
     "BalancedSoftmaxLoss",
     "ClassBalancedLoss",
     "CrossEntropyLoss",
+    "DirMixELoss",
+    "ExpertLoss",
     "FocalLoss",
     "LDAMLoss",
     "LabelAwareSmoothingLoss",
@@ -30,6 +33,8 @@ __all__ = [
     "LongTailLoss",
     "MixedTarget",
     "PixelAUCLoss",
+    "RIDELoss",
+    "SADELoss",
     "class_balanced_weights",
     "functional",
     "mixed_loss",

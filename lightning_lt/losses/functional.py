@@ -11,6 +11,7 @@ Example:
 from lightning_lt.losses.base import weighted_reduce
 from lightning_lt.losses.class_balanced import class_balanced_loss, class_balanced_weights
 from lightning_lt.losses.cross_entropy import cross_entropy
+from lightning_lt.losses.experts import dirichlet_meta_draws, dirmixe_loss, inverse_prior, ride_loss, sade_loss, semi_variance
 from lightning_lt.losses.focal import focal_loss
 from lightning_lt.losses.label_aware_smoothing import label_aware_smoothing, label_aware_smoothing_epsilons
 from lightning_lt.losses.ldam import ldam_loss, ldam_margins
@@ -28,6 +29,9 @@ __all__ = [
     "class_balanced_loss",
     "class_balanced_weights",
     "cross_entropy",
+    "dirichlet_meta_draws",
+    "dirmixe_loss",
+    "inverse_prior",
     "focal_loss",
     "label_aware_smoothing",
     "label_aware_smoothing_epsilons",
@@ -36,5 +40,8 @@ __all__ = [
     "logit_adjusted_cross_entropy",
     "mixed_loss",
     "pixel_auc_loss",
+    "ride_loss",
+    "sade_loss",
+    "semi_variance",
     "weighted_reduce",
 ]

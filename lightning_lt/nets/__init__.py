@@ -19,6 +19,7 @@ from lightning_lt.nets.efficientnet import (
     efficientnet_lite_fpn,
     efficientnet_lite_weights_path,
 )
+from lightning_lt.nets.experts import MultiExpertCIFARResNet, MultiExpertTorchvisionResNet, expert_resnet_archs
 from lightning_lt.nets.heads import CosineClassifier, build_head
 from lightning_lt.nets.mlp import MLP
 from lightning_lt.nets.segmentation import TorchvisionSegmentation, available_segmentation_archs
@@ -28,6 +29,8 @@ __all__ = [
     "EFFICIENTNET_LITE_MEAN",
     "EFFICIENTNET_LITE_STD",
     "MLP",
+    "MultiExpertCIFARResNet",
+    "MultiExpertTorchvisionResNet",
     "BasicBlock",
     "CIFARResNet",
     "CosineClassifier",
@@ -42,6 +45,7 @@ __all__ = [
     "build_head",
     "efficientnet_lite_fpn",
     "efficientnet_lite_weights_path",
+    "expert_resnet_archs",
     "resnet20",
     "resnet32",
     "resnet44",

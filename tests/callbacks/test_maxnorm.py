@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import functools
 
 import pytest
 import torch
@@ -12,24 +11,14 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning_lt.callbacks import MaxNorm
 from lightning_lt.callbacks import maxnorm as maxnorm_module
 from lightning_lt.datamodules import DigitsLT
-from lightning_lt.losses import CrossEntropyLoss
-from lightning_lt.nets import MLP
 from lightning_lt.tasks import LongTailClassifier
+from tests.helpers import QUIET_FITS, digits_classifier
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*GPU available but not used:UserWarning",
-    "ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint:UserWarning",
-    "ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated",
-    "ignore:.*smaller than the logging interval:UserWarning",
-)
+pytestmark = pytest.mark.filterwarnings(*QUIET_FITS)
 
 
 def classifier() -> LongTailClassifier:
-    return LongTailClassifier(
-        MLP(64, (16,)), 10, DigitsLT().class_counts, loss=CrossEntropyLoss, many_threshold=60, few_threshold=20,
-        optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9), plot_per_class=False, log_per_class=False,
-    )  # fmt: skip
+    return digits_classifier(lr=0.5, momentum=0.9)
 
 
 def trainer(tmp_path, callbacks, **kwargs) -> Trainer:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import doctest
-import functools
 import math
 
 import numpy as np
@@ -16,26 +15,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_lt.callbacks import CutMix, Mixup
 from lightning_lt.callbacks import mixup as mixup_module
 from lightning_lt.datamodules import DigitsLT
-from lightning_lt.losses import CrossEntropyLoss, MixedTarget
-from lightning_lt.nets import MLP
+from lightning_lt.losses import MixedTarget
 from lightning_lt.tasks import LongTailClassifier
+from tests.helpers import QUIET_FITS, digits_classifier
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*GPU available but not used:UserWarning",
-    "ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint:UserWarning",
-    "ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated",
-    "ignore:.*smaller than the logging interval:UserWarning",
+    *QUIET_FITS,
     "ignore:You're resuming from a checkpoint that ended before the epoch ended:UserWarning",
     "ignore:You are trying to `self.log\\(\\)` but the `self.trainer` reference",
 )
 
 
 def classifier() -> LongTailClassifier:
-    return LongTailClassifier(
-        MLP(64, (16,)), 10, DigitsLT().class_counts, loss=CrossEntropyLoss, many_threshold=60, few_threshold=20,
-        optimizer=functools.partial(torch.optim.SGD, lr=0.1), plot_per_class=False, log_per_class=False,
-    )  # fmt: skip
+    return digits_classifier(lr=0.1)
 
 
 class Recording(Mixup):

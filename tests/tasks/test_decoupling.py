@@ -21,14 +21,10 @@ from lightning_lt.losses import CrossEntropyLoss
 from lightning_lt.nets import MLP
 from lightning_lt.tasks import DecoupledClassifier, LongTailClassifier
 from lightning_lt.tasks.decoupling import tau_normalized_weight
-from tests.helpers import DDP_STRATEGY
+from tests.helpers import DDP_STRATEGY, QUIET_FITS
 
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*GPU available but not used:UserWarning",
-    "ignore:Be aware that when using `ckpt_path`, callbacks used to create the checkpoint:UserWarning",
-    "ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated",
-    "ignore:.*smaller than the logging interval:UserWarning",
+    *QUIET_FITS,
     "ignore:.*is empty because:UserWarning",
     "ignore:You defined a `validation_step` but have no `val_dataloader`:UserWarning",
 )
