@@ -58,7 +58,22 @@ def _classifiers(num_experts: int, in_features: int, num_classes: int, use_norm:
     return nn.ModuleList(nn.Linear(in_features, num_classes) for _ in range(num_experts))
 
 
-class MultiExpertCIFARResNet(nn.Module):
+class _ExpertOutputs(nn.Module):
+    """The output side shared by the multi-expert networks: a subclass provides ``shared(x)``,
+    ``expert_features(shared, index)``, ``linears`` (one classifier per expert), ``s`` and ``num_experts``."""
+
+    def expert_output(self, shared: Tensor, index: int) -> tuple[Tensor, Tensor]:
+        """``(pooled features [B, num_features], scaled logits [B, C])`` of expert ``index``."""
+        features = self.expert_features(shared, index)
+        return features, self.linears[index](features) * self.s
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scaled logits of every expert, ``[E, B, num_classes]``."""
+        shared = self.shared(x)
+        return torch.stack([self.expert_output(shared, e)[1] for e in range(self.num_experts)])
+
+
+class MultiExpertCIFARResNet(_ExpertOutputs):
     """The CIFAR ResNet of RIDE / SADE / DirMixE (``ResNet_s`` of their ``*_resnet_cifar.py``) with ``E`` experts.
 
     Shared: ``conv3x3(3 -> 16) -> BN -> ReLU -> stage 1`` (``n`` blocks of 16 = ``width`` channels). Per expert: stage 2
@@ -154,16 +169,6 @@ class MultiExpertCIFARResNet(nn.Module):
         out = self.layer3s[index](self.layer2s[index](shared))
         return out.mean(dim=(2, 3))
 
-    def expert_output(self, shared: Tensor, index: int) -> tuple[Tensor, Tensor]:
-        """``(pooled features [B, num_features], scaled logits [B, C])`` of expert ``index``."""
-        features = self.expert_features(shared, index)
-        return features, self.linears[index](features) * self.s
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Scaled logits of every expert, ``[E, B, num_classes]``."""
-        shared = self.shared(x)
-        return torch.stack([self.expert_output(shared, e)[1] for e in range(self.num_experts)])
-
 
 def expert_resnet_archs() -> list[str]:
     """torchvision models accepted by :class:`MultiExpertTorchvisionResNet` (the ResNet / ResNeXt / wide ResNet
@@ -177,7 +182,7 @@ def expert_resnet_archs() -> list[str]:
     return [n for n in names if n.startswith(("resnet", "resnext", "wide_resnet"))]
 
 
-class MultiExpertTorchvisionResNet(nn.Module):
+class MultiExpertTorchvisionResNet(_ExpertOutputs):
     """A torchvision ResNet split as RIDE's ``RIDEResNet`` / SADE's ``Expert_ResNet``: shared stem, layer1 and
     layer2; per expert layer3, layer4, average pooling and a cosine classifier times ``s`` (ImageNet-LT, Places-LT,
     iNaturalist).
@@ -279,16 +284,6 @@ class MultiExpertTorchvisionResNet(nn.Module):
     def expert_features(self, shared: Tensor, index: int) -> Tensor:
         """Pooled features ``[B, num_features]`` of expert ``index`` from the shared part's output."""
         return self.layer4s[index](self.layer3s[index](shared)).mean(dim=(2, 3))
-
-    def expert_output(self, shared: Tensor, index: int) -> tuple[Tensor, Tensor]:
-        """``(pooled features [B, num_features], scaled logits [B, C])`` of expert ``index``."""
-        features = self.expert_features(shared, index)
-        return features, self.linears[index](features) * self.s
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Scaled logits of every expert, ``[E, B, num_classes]``."""
-        shared = self.shared(x)
-        return torch.stack([self.expert_output(shared, e)[1] for e in range(self.num_experts)])
 
 
 class ExpertRouter(nn.Module):
