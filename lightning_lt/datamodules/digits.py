@@ -83,11 +83,15 @@ class DigitsLT(LongTailDataModule):
         self.n_max = n_max
         self.test_per_class = test_per_class
         self.imbalance_seed = imbalance_seed
-        imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)  # validate the profile arguments now
+        self._profile_counts()  # validate the profile arguments now
+
+    def _profile_counts(self) -> list[int]:
+        """Images per class of the long-tailed subset, before the validation hold-out."""
+        return imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)
 
     def _pool_targets(self) -> list[int]:
         # long_tailed_indices keeps the images grouped by class in ascending order
-        return np.repeat(np.arange(10), imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)).tolist()
+        return np.repeat(np.arange(10), self._profile_counts()).tolist()
 
     def _compute_class_names(self) -> list[str]:
         return [str(i) for i in range(10)]
@@ -102,8 +106,7 @@ class DigitsLT(LongTailDataModule):
             test_idx.append(idx[: self.test_per_class])
             pool_idx.append(idx[self.test_per_class :])
         pool = np.sort(np.concatenate(pool_idx))
-        counts = imbalance_counts(self.n_max, 10, self.imbalance_factor, self.profile)
-        long_tailed = pool[long_tailed_indices(targets[pool], counts, seed=self.imbalance_seed)]
+        long_tailed = pool[long_tailed_indices(targets[pool], self._profile_counts(), seed=self.imbalance_seed)]
         return long_tailed, np.sort(np.concatenate(test_idx))
 
     def setup(self, stage: str = "fit") -> None:
