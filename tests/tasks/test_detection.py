@@ -294,8 +294,29 @@ def test_prior_is_restored_from_the_checkpoint_not_recomputed(tmp_path, monkeypa
     assert resumed.model.score_thresh == pytest.approx(pi * K)
 
 
+@pytest.mark.parametrize("arch", ["retinanet", "fcos"])
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_fpn_channels_set_the_width_of_the_pyramid_and_the_head(tmp_path, arch, backbone):
+    """A narrow FPN: every pyramid level and the head's convolutions have ``fpn_channels``; the ResNet FPN keeps
+    its inputs (C3-C5 of the backbone); sampling-free training and evaluation run on it."""
+    module = make_module(arch, backbone=backbone, fpn_channels=64, sampling_free=True)
+    fpn = module.model.backbone
+    assert fpn.out_channels == 64
+    features = fpn(torch.zeros(1, 3, SIZE, SIZE))
+    assert [f.shape[1] for f in features.values()] == [64] * 5
+    head = module.model.head.classification_head
+    convs = [m for m in head.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.in_channels == 64 for c in convs)
+    if backbone == "resnet18":
+        assert [b[0].in_channels for b in fpn.fpn.inner_blocks] == [128, 256, 512]
+    make_trainer(tmp_path, limit_train_batches=2, limit_val_batches=1).fit(module, datamodule=SquaresData())
+    assert float(module.prior_pi) > 0 and "val/map" in module.trainer.callback_metrics
+
+
 @pytest.mark.parametrize("kwargs, match", [({"arch": "yolo"}, "arch"), ({"backbone": "vgg"}, "backbone"),
-                                           ({"class_counts": [1]}, "class_counts")])
+                                           ({"class_counts": [1]}, "class_counts"),
+                                           ({"fpn_channels": 0}, "fpn_channels"),
+                                           ({"arch": "fcos", "fpn_channels": 48}, "multiple of 32")])
 def test_bad_arguments(kwargs, match):
     arch = kwargs.pop("arch", "retinanet")
     with pytest.raises(ValueError, match=match):
