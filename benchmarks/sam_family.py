@@ -22,7 +22,7 @@ Keys: ``acc``, ``acc_many``, ``acc_medium``, ``acc_few`` (the final epoch, on th
 with several seeds mean and sample std (``<key>_std``). The note compares every row with CE on ``acc_few`` and
 ``acc`` and ImbSAM / SSE-SAM with SAM on ``acc_few``, in standard deviations.
 
-    python benchmarks/sam_family.py          # 5 rows x 5 seeds, 2 single-thread processes, about 25 min on 2 cores
+    python benchmarks/sam_family.py          # 5 rows x 5 seeds, 2 single-thread processes: 7 minutes on 2 cores
     python benchmarks/sam_family.py --epochs 2 --seeds 0 --workers 1 --results-dir /tmp/results   # smoke
 """
 
