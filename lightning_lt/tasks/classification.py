@@ -33,7 +33,7 @@ from lightning_lt.tasks.base import (
     check_saved,
     resolve_factory,
 )
-from lightning_lt.tasks.plotting import log_figure, per_class_accuracy_figure
+from lightning_lt.tasks.plotting import log_validation_accuracy_figure
 
 #: A loss is given as a factory called with the training class counts, e.g. the class
 #: ``lightning_lt.losses.LDAMLoss`` or ``functools.partial(LDAMLoss, max_m=0.5)``. In a config it is
@@ -293,19 +293,7 @@ class LongTailClassifier(TaskModule):
 
     def _plot_per_class(self, per_class: Tensor) -> None:
         """Log the per-class accuracy figure of a validation epoch (``plot_per_class``, rank zero, loggers set)."""
-        if (
-            self.plot_per_class
-            and self.class_counts is not None
-            and not self.trainer.sanity_checking
-            and self.trainer.is_global_zero
-            and self.loggers
-        ):
-            figure = per_class_accuracy_figure(
-                self.class_counts, per_class.cpu().tolist(), self.many_threshold, self.few_threshold,
-                title=f"per-class accuracy, epoch {self.current_epoch}",
-            )
-            for logger in self.loggers:
-                log_figure(logger, "val/per_class_accuracy", figure, step=self.global_step)
+        log_validation_accuracy_figure(self, per_class)
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test", self.test_metric)

@@ -25,7 +25,7 @@ from lightning_lt.tasks.base import (
     resolve_factory,
 )
 from lightning_lt.tasks.classification import FACTORY_TYPES, default_optimizer
-from lightning_lt.tasks.plotting import log_figure, per_class_accuracy_figure
+from lightning_lt.tasks.plotting import log_validation_accuracy_figure
 
 __all__ = ["EXPERT_FACTORY_TYPES", "ExpertBackboneFactory", "ExpertLossFactory", "MultiExpertClassifier"]
 
@@ -313,20 +313,7 @@ class MultiExpertClassifier(TaskModule):
             self.equal_weight_metrics[stage].update(expert_logits.mean(dim=0), y)
 
     def on_validation_epoch_end(self) -> None:
-        per_class = self._log_epoch_metrics("val", self.val_metric)
-        if (
-            self.plot_per_class
-            and self.class_counts is not None
-            and not self.trainer.sanity_checking
-            and self.trainer.is_global_zero
-            and self.loggers
-        ):
-            figure = per_class_accuracy_figure(
-                self.class_counts, per_class.cpu().tolist(), self.many_threshold, self.few_threshold,
-                title=f"per-class accuracy, epoch {self.current_epoch}",
-            )  # fmt: skip
-            for logger in self.loggers:
-                log_figure(logger, "val/per_class_accuracy", figure, step=self.global_step)
+        log_validation_accuracy_figure(self, self._log_epoch_metrics("val", self.val_metric))
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch_metrics("test", self.test_metric)

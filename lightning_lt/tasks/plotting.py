@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
@@ -256,3 +256,22 @@ def log_figure(logger: Logger, key: str, figure: Figure, step: Optional[int] = N
     path = os.path.join(folder, key.replace("/", "_") + suffix + ".png")
     figure.savefig(path)
     return path
+
+
+def log_validation_accuracy_figure(module: Any, per_class: Sequence[float]) -> None:
+    """Log the per-class accuracy figure of a classifier's validation epoch to every logger of ``module`` as
+    ``val/per_class_accuracy``, when ``module.plot_per_class`` is set, its class counts are known, the trainer is
+    not sanity checking, and this is rank zero with at least one logger. ``module`` has ``class_counts``,
+    ``many_threshold`` and ``few_threshold`` (:class:`~lightning_lt.tasks.LongTailClassifier`,
+    :class:`~lightning_lt.tasks.MultiExpertClassifier`)."""
+    trainer = module.trainer
+    if not (module.plot_per_class and module.class_counts is not None and not trainer.sanity_checking
+            and trainer.is_global_zero and module.loggers):  # fmt: skip
+        return
+    values = per_class.cpu().tolist() if hasattr(per_class, "cpu") else list(per_class)
+    figure = per_class_accuracy_figure(
+        module.class_counts, values, module.many_threshold, module.few_threshold,
+        title=f"per-class accuracy, epoch {module.current_epoch}",
+    )  # fmt: skip
+    for logger in module.loggers:
+        log_figure(logger, "val/per_class_accuracy", figure, step=module.global_step)

@@ -44,6 +44,22 @@ def test_validation_logs_every_expert_and_the_equal_weight_accuracy(tmp_path):
     assert "val/equal_weights/acc" not in metrics and "val/expert1/acc" in metrics
 
 
+def test_validation_logs_the_per_class_figure_of_the_aggregated_prediction(tmp_path):
+    """As LongTailClassifier: one figure per validation epoch with ``plot_per_class`` and a logger; none without."""
+    import os
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    seed_everything(0)
+    logger = CSVLogger(str(tmp_path), name="run")
+    make_trainer(tmp_path, logger=logger).validate(expert_model(SADELoss, plot_per_class=True), datamodule=TinyImagesLT(),
+                                                   verbose=False)  # fmt: skip
+    assert os.listdir(os.path.join(logger.log_dir, "figures")) == ["val_per_class_accuracy_step000000.png"]
+    quiet = CSVLogger(str(tmp_path), name="quiet")
+    make_trainer(tmp_path, logger=quiet).validate(expert_model(SADELoss), datamodule=TinyImagesLT(), verbose=False)
+    assert not os.path.exists(os.path.join(quiet.log_dir, "figures"))
+
+
 def test_bad_input_is_refused_with_hints():
     with pytest.raises(ValueError, match="multi-expert backbone.*HINT"):
         MultiExpertClassifier(backbone=lambda num_classes: CIFARResNet(depth=8), num_classes=3, class_counts=[3, 2, 1])
