@@ -96,8 +96,8 @@ class DigitsLT(LongTailDataModule):
     def _compute_class_names(self) -> list[str]:
         return [str(i) for i in range(10)]
 
-    def _split(self) -> tuple[np.ndarray, np.ndarray]:
-        images, targets = _load_digits()
+    def _split(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Indices into the digits of the long-tailed training pool and of the balanced test set."""
         rng = np.random.RandomState(self.imbalance_seed)
         test_idx, pool_idx = [], []
         for c in range(10):
@@ -111,7 +111,7 @@ class DigitsLT(LongTailDataModule):
 
     def setup(self, stage: str = "fit") -> None:
         images, targets = _load_digits()
-        long_tailed, test_idx = self._split()
+        long_tailed, test_idx = self._split(targets)
         if not np.array_equal(targets[long_tailed], np.asarray(self._pool_targets())):
             raise RuntimeError(f"{type(self).__name__}: the long-tailed subset is not grouped by class")
         train_pos, val_pos = self.split_positions()
