@@ -5,15 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from tests.test_benchmarks_common import _load
+from tests.test_benchmarks_common import QUIET_BENCHMARK_RUN, _load
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*GPU available but not used:UserWarning",
-    "ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated",
-    "ignore:.*smaller than the logging interval:UserWarning",
-    "ignore:.*is empty because:UserWarning",
-)
+pytestmark = QUIET_BENCHMARK_RUN
 
 
 @pytest.fixture(scope="module")

@@ -2,22 +2,16 @@
 
 import json
 
-import pytest
+from tests.test_benchmarks_common import QUIET_BENCHMARK_RUN, _load
 
-from tests.test_benchmarks_common import _load
-
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:.*does not have many workers:UserWarning",
-    "ignore:.*GPU available but not used:UserWarning",
-    "ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated",
-    "ignore:.*smaller than the logging interval:UserWarning",
-    "ignore:.*is empty because:UserWarning",
-)
+pytestmark = QUIET_BENCHMARK_RUN
 
 
 def test_short_run_writes_every_row_with_seed_spread_and_the_directions(tmp_path):
     sam_family = _load("sam_family")
-    path = sam_family.main(["--epochs", "2", "--seeds", "0", "1", "--val-every", "1", "--workers", "1", "--results-dir", str(tmp_path)])
+    path = sam_family.main(
+        ["--epochs", "2", "--seeds", "0", "1", "--val-every", "1", "--workers", "1", "--results-dir", str(tmp_path)]
+    )
     result = json.loads(path.read_text())
     assert result["benchmark"] == "sam_family"
     assert result["setup"]["class_counts"] == [130, 84, 54, 35, 22, 14, 9, 6, 4, 2]

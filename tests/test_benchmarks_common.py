@@ -14,6 +14,15 @@ from lightning_lt.datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
 from lightning_lt.nets import EFFICIENTNET_LITE_MEAN, EFFICIENTNET_LITE_STD
 from tests.helpers import REPO_ROOT
 
+# the warnings of short benchmark runs on tiny data (for the modules that run a whole benchmark script)
+QUIET_BENCHMARK_RUN = pytest.mark.filterwarnings(
+    "ignore:.*does not have many workers:UserWarning",
+    "ignore:.*GPU available but not used:UserWarning",
+    "ignore:.*isinstance\\(treespec, LeafSpec\\)` is deprecated",
+    "ignore:.*smaller than the logging interval:UserWarning",
+    "ignore:.*is empty because:UserWarning",
+)
+
 
 def _load(name: str):
     """Import ``benchmarks/<name>.py`` (the scripts import ``common`` from their own folder)."""
