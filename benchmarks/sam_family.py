@@ -118,7 +118,8 @@ def direction_notes(rows: Sequence[dict[str, Any]], n_seeds: int) -> list[str]:
 
 
 def _quiet(threads: int) -> None:
-    """Threads (a 64-128-128-10 MLP gains nothing from more than one) and quiet logs, in this or a worker process."""
+    """Threads (a 64-128-128-10 MLP gains nothing from more than one) and quiet logs: the script's process and
+    its workers."""
     torch.set_num_threads(threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
@@ -144,7 +145,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = parse_args(argv)
-    _quiet(args.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
     jobs = [(name, seed) for seed in args.seeds for name in args.rows]  # seeds outer: a slow phase hits every row
     if args.workers > 1:  # one single-thread process per core: the runs are independent and each is deterministic
         with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"),
@@ -180,8 +182,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         "long-tailed subset and the test split are the same in every run (imbalance_seed 0).",
         *direction_notes(rows, len(args.seeds)),
     ]
+    torch.set_num_threads(threads)
     return write_results(args.name, setup, rows, COLUMNS, notes, Path(args.results_dir))
 
 
 if __name__ == "__main__":
+    _quiet(torch.get_num_threads())  # as a script only: a caller's (a test's) logging stays as it is
     main()
