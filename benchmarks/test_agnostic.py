@@ -24,7 +24,8 @@ does for short runs), SGD lr 0.1, momentum 0.9, weight decay 5e-4, Nesterov (the
 every row), batch 128. Measured on 2 free cores: about 27 s per epoch of a single model and 45 s for 3 experts (data
 loading in the main process included), about 2 minutes of evaluation, and 11 minutes of test-time aggregation (5 test
 sets, 23,762 images, 5 epochs x 2 views; about 4 ms per image pair with the views augmented in one DataLoader worker
-beside a one-thread forward, 7 ms with both in the main process). 8 epochs came to about 41 minutes, hence 7.
+beside a one-thread forward, 7 ms with both in the main process). An 8-epoch run with the views augmented in the
+main process spent 38.7 minutes on its first five rows (DirMixE left), hence 7 epochs and the worker.
 
     python benchmarks/test_agnostic.py                   # CPU, reduced schedule (not run on the shared 2-core box)
     python benchmarks/test_agnostic.py --epochs 200 --depth 32 --width 16 --accelerator gpu --name test_agnostic-gpu
