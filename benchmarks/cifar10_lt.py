@@ -189,6 +189,18 @@ class BestEpoch(Callback):
         self.history = list(state_dict["history"])
 
 
+def accuracy_row(metrics: dict[str, Any], best: BestEpoch) -> dict[str, Any]:
+    """The final epoch's ``ACC_KEYS`` (``val/<key>`` of ``metrics``; nan as ``None``) and, when ``best`` saw a
+    validation, the best epoch by overall accuracy: ``acc_best``, ``best_epoch`` and the group accuracies at it
+    (``<key>_at_best``)."""
+    row = {key: _nan_to_none(float(metrics[f"val/{key}"])) for key in ACC_KEYS}
+    top = best.best()
+    if top is not None:
+        row["acc_best"], row["best_epoch"] = top["acc"], top["epoch"]
+        row.update({f"{key}_at_best": top.get(key) for key in ACC_KEYS[1:]})
+    return row
+
+
 def quiet_trainer(args: argparse.Namespace, **kwargs: Any) -> Trainer:
     """A single-device Trainer without logger, checkpoints, progress bar or sanity check."""
     return Trainer(
@@ -266,13 +278,7 @@ def train_method(name: str, dm: ImageFolderLT, args: argparse.Namespace, seed: i
               f"({minutes:.1f} min, {throughput.images_per_s:.0f} images/s); resume from {checkpoint}", flush=True)
         return None
     metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
-    row: dict[str, Any] = {"name": name, "seed": seed}
-    for key in ACC_KEYS:
-        row[key] = _nan_to_none(float(metrics[f"val/{key}"]))
-    top = best.best()
-    if top is not None:  # best epoch by overall accuracy; its group accuracies are in the JSON
-        row["acc_best"], row["best_epoch"] = top["acc"], top["epoch"]
-        row.update({f"{key}_at_best": top.get(key) for key in ACC_KEYS[1:]})
+    row: dict[str, Any] = {"name": name, "seed": seed, **accuracy_row(metrics, best)}
     row["images_per_s"] = throughput.images_per_s
     row["train_minutes"] = minutes
     print(json.dumps(row), flush=True)

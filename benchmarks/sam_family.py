@@ -45,7 +45,7 @@ import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cifar10_lt import ACC_KEYS, BestEpoch, _nan_to_none  # noqa: E402
+from cifar10_lt import ACC_KEYS, BestEpoch, accuracy_row  # noqa: E402
 from common import RESULTS_DIR, aggregate_seeds, describe_effect, environment, write_results  # noqa: E402
 
 from lightning_lt.callbacks import SAM, SSESAM, ImbSAM  # noqa: E402
@@ -85,13 +85,7 @@ def train(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     trainer.fit(model, datamodule=data)
     minutes = (time.perf_counter() - start) / 60
     metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
-    row: dict[str, Any] = {"name": name, "seed": seed}
-    row.update({key: _nan_to_none(float(metrics[f"val/{key}"])) for key in ACC_KEYS})
-    top = best.best()
-    if top is not None:
-        row["acc_best"], row["best_epoch"] = top["acc"], top["epoch"]
-        row.update({f"{key}_at_best": top.get(key) for key in ACC_KEYS[1:]})
-    row["train_minutes"] = minutes
+    row: dict[str, Any] = {"name": name, "seed": seed, **accuracy_row(metrics, best), "train_minutes": minutes}
     print(json.dumps(row), flush=True)
     return row
 
