@@ -44,7 +44,9 @@ import torch.distributed.distributed_c10d as c10d
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import lightning_lt.callbacks.memory_bank as memory_bank
 from lightning_lt.callbacks import TailMemoryBank
+from lightning_lt.callbacks.memory_bank import Entry
 
 ROW = "memory-bank-ddp"
 NUM_CLASSES, HEAD, IGNORE = 150, 26, 255
@@ -79,24 +81,40 @@ def crops(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class PickledExchangeBank(TailMemoryBank):
-    """The DDP exchange before issue 13 (same bank, same random decisions): every rank crops every new entry,
-    and all of them go to every rank through ``all_gather_object`` (pickled float32 crops and masks on the CPU)."""
+    """The DDP exchange before issue 13 (same bank, same random numbers and slots): every rank crops every new
+    entry, and all of them go to every rank through ``all_gather_object`` (pickled float32 crops and masks on the
+    CPU); each rank then writes the surviving ones."""
 
-    def update_and_paste(self, images: torch.Tensor, masks: torch.Tensor, world_size: int = 1, rank: int = 0) -> None:
-        resize = self._resize(masks.shape[-2:], images.device)
-        boxes = self._boxes(masks, resize).tolist()
-        mine = [(self.tail_classes[t], resize.entry(images[b], masks[b], self.tail_classes[t], box))
-                for b, row in enumerate(boxes) for t, box in enumerate(row) if box[0] >= 0]
+    def _update_distributed(self, images, masks, resize, boxes, generator, world_size, rank) -> None:
+        mine = {(b, t): resize.entry(images[b], masks[b], self.tail_classes[t], box)
+                for b, row in enumerate(boxes.tolist()) for t, box in enumerate(row) if box[0] >= 0}
         gathered: list[Any] = [None] * world_size
-        dist.all_gather_object(gathered, [(c, entry.to("cpu")) for c, entry in mine])
-        new = [(c, entry.to(images.device)) for part in gathered for c, entry in part]
-        self.last_new = len(new)
-        update_generator, paste_generator = self._generators(rank)
-        kept = self._plan([c for c, _ in new], update_generator)
-        self._store(kept, {i: new[i][1] for i in set(kept.values())})
-        absent = [[t for t, box in enumerate(row) if box[0] < 0] for row in boxes]
-        self._paste(images, masks, absent, paste_generator)
-        self.batches_seen += 1
+        dist.all_gather_object(gathered, (images.shape[0], {key: Entry(e.pixels.cpu(), e.mask.cpu(), *e[2:])
+                                                             for key, e in mine.items()}))
+        starts = [sum(n for n, _ in gathered[:r]) for r in range(world_size)]
+        present = torch.zeros(sum(n for n, _ in gathered), len(self.tail_classes), dtype=torch.bool)
+        for start, (_, part) in zip(starts, gathered):
+            for b, t in part:
+                present[start + b, t] = True
+        self.last_new = int(present.sum())
+        bank = self._fit(images, resize.out_size)
+        uniforms = memory_bank._uniforms(generator, present.shape, images.device)
+        writer, filled = memory_bank._plan(present.to(images.device), bank.filled, uniforms, self.memory_size)
+        for t, row in enumerate(writer.tolist()):
+            for m, n in enumerate(row):
+                if n >= 0:
+                    r = max(r for r in range(world_size) if starts[r] <= n)
+                    bank.write(t, m, gathered[r][1][(n - starts[r], t)])
+        self._bank = bank._replace(filled=filled)
+
+
+class KeptCountingBank(TailMemoryBank):
+    """The library's bank, recording the entries that each step keeps (``last_kept``: count and bytes)."""
+
+    def _exchange(self, made, survivors, headers, rank, device):
+        areas = [max(0, box[2] - box[0]) * max(0, box[3] - box[1]) for _, _, _, box in survivors]
+        self.last_kept = (len(survivors), sum(area * (3 * 4 + 1) for area in areas))  # float32 pixels + mask bytes
+        return super()._exchange(made, survivors, headers, rank, device)
 
 
 class ReceivedBytes:
@@ -130,10 +148,6 @@ class ReceivedBytes:
             self.active = False
 
 
-def entry_bytes(entry) -> int:
-    return entry.pixels.numel() * entry.pixels.element_size() + entry.mask.numel()
-
-
 def banks_equal(bank: TailMemoryBank, other: TailMemoryBank) -> bool:
     return bank.entries.keys() == other.entries.keys() and all(
         len(bank.entries[c]) == len(other.entries[c])
@@ -157,15 +171,14 @@ def worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_dir: 
     received = ReceivedBytes(rank)
     bank_args = {"tail_classes": TAIL, "num_classes": NUM_CLASSES, "ignore_index": IGNORE, "memory_size": 5,
                  "p_sample": 0.05, "p_resize": 0.4, "seed": 0}
-    banks = {"new": TailMemoryBank(**bank_args), "old": PickledExchangeBank(**bank_args)}
+    banks = {"new": KeptCountingBank(**bank_args), "old": PickledExchangeBank(**bank_args)}
     stats: dict[str, list] = {"new_bytes": [], "old_bytes": [], "kept_bytes": [], "kept": [], "new_entries": [],
                               "new_seconds": [], "old_seconds": []}
     for step in range(cfg["warmup"] + cfg["measured"]):
         images, masks = batch(cfg["batch"])
         for mode in (("new", "old") if step % 2 else ("old", "new")):
             bank = banks[mode]
-            held = [e for slots in bank.entries.values() for e in slots]  # alive, so that no id is reused
-            before = {id(e) for e in held}
+            bank.last_kept = (0, 0)
             dist.barrier()
             start = time.perf_counter()
             with received.counting():
@@ -176,9 +189,8 @@ def worker(rank: int, world_size: int, port: int, cfg: dict[str, Any], out_dir: 
             stats[f"{mode}_bytes"].append(received.total)
             stats[f"{mode}_seconds"].append(seconds)
             if mode == "new":
-                written = [e for slots in bank.entries.values() for e in slots if id(e) not in before]
-                stats["kept_bytes"].append(sum(map(entry_bytes, written)))
-                stats["kept"].append(len(written))
+                stats["kept"].append(bank.last_kept[0])
+                stats["kept_bytes"].append(bank.last_kept[1])
             else:
                 stats["new_entries"].append(bank.last_new)
     stats["banks_identical"] = banks_equal(banks["new"], banks["old"])

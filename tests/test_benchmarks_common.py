@@ -174,3 +174,16 @@ def test_scale_logging_row_quick():
     row, setup = _load("scale_logging").run(Namespace(quick=True))
     assert row["name"] == "per-class-logging-C8142" and setup["classes"] == 500
     assert row["ratio"] > 0 and row["scalars_ratio"] > 0 and row["target_ratio"] == 1.2
+
+
+@pytest.mark.ddp
+def test_scale_memory_bank_row_quick():
+    """Two spawned gloo processes at tiny sizes: the library's exchange and the pickled one build the same bank,
+    and the library's receives at most the other rank's kept entries plus the small integer tensors."""
+    import importlib
+
+    _load("scale_memory_bank")  # puts benchmarks/ on sys.path; the spawned workers import the module by its name
+    row, setup = importlib.import_module("scale_memory_bank").run(Namespace(quick=True))
+    assert row["name"] == "memory-bank-ddp" and setup["banks_identical"] and setup["quick"]
+    assert 0 < row["bytes_kept_per_step"] and 0 < row["kept_fraction"] <= 1
+    assert row["bytes_received_per_rank_step"] < row["old_bytes_received_per_rank_step"]

@@ -9,6 +9,7 @@ from typing import Any, Literal, NamedTuple, Optional
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -22,7 +23,8 @@ _PLACEMENTS = ("reference", "random_box")
 
 
 class Entry(NamedTuple):
-    """One stored object of a tail class, already resized by ``p_resize``.
+    """One stored object of a tail class, already resized by ``p_resize`` (the bank's checkpoint format and the
+    view :attr:`TailMemoryBank.entries`).
 
     ``pixels`` ``[C, h, w]`` and ``mask`` ``[h, w]`` (the class's pixels) cover the class's bounding box in
     the resized frame, which sits at ``(top, left)`` of the resized frame of size
@@ -36,8 +38,70 @@ class Entry(NamedTuple):
     frame_height: int
     frame_width: int
 
-    def to(self, device: torch.device | str) -> Entry:
-        return self._replace(pixels=self.pixels.to(device), mask=self.mask.to(device))
+
+class _Bank(NamedTuple):
+    """The bank on the device, ``T`` tail classes of ``M`` slots, frames up to ``H x W``: slot ``(t, m)`` holds the
+    resized frame's pixels ``pixels[t, m, :, :h, :w]`` (at least those of the class's bounding box), the class's
+    pixels ``masks[t, m]`` (``False`` elsewhere), the frame size ``sizes[t, m] = (h, w)`` and the box
+    ``boxes[t, m] = (top, left, bottom, right)`` (all 0 for an empty entry); ``filled[t]`` slots are in use."""
+
+    pixels: Tensor  # [T, M, C, H, W], the images' dtype
+    masks: Tensor  # [T, M, H, W] bool
+    sizes: Tensor  # [T, M, 2] int64
+    boxes: Tensor  # [T, M, 4] int64
+    filled: Tensor  # [T] int64
+
+    @classmethod
+    def empty(cls, tail: int, memory: int, channels: int, size: tuple[int, int], dtype: torch.dtype,
+              device: torch.device) -> _Bank:
+        zeros = torch.zeros
+        return cls(zeros(tail, memory, channels, *size, dtype=dtype, device=device),
+                   zeros(tail, memory, *size, dtype=torch.bool, device=device),
+                   zeros(tail, memory, 2, dtype=torch.long, device=device),
+                   zeros(tail, memory, 4, dtype=torch.long, device=device), zeros(tail, dtype=torch.long, device=device))
+
+    @property
+    def frame(self) -> tuple[int, int]:
+        return tuple(self.masks.shape[-2:])  # type: ignore[return-value]
+
+    def fit(self, channels: int, size: Sequence[int], dtype: torch.dtype, device: torch.device) -> _Bank:
+        """The bank on ``device`` in ``dtype``, its frames grown to hold ``size`` (host values: no synchronisation)."""
+        if channels != self.pixels.shape[2]:
+            raise ValueError(
+                f"TailMemoryBank holds images of {self.pixels.shape[2]} channels, the batch has {channels}. HINT: "
+                "give every batch the same channels (the bank pastes its entries into them)."
+            )
+        bank = self if self.pixels.device == device else _Bank(*(t.to(device) for t in self))
+        if bank.pixels.dtype != dtype:
+            bank = bank._replace(pixels=bank.pixels.to(dtype))
+        grow_h, grow_w = max(0, size[0] - bank.frame[0]), max(0, size[1] - bank.frame[1])
+        if grow_h or grow_w:
+            bank = bank._replace(pixels=F.pad(bank.pixels, (0, grow_w, 0, grow_h)),
+                                 masks=F.pad(bank.masks, (0, grow_w, 0, grow_h)))
+        return bank
+
+    def entries(self, tail_classes: Sequence[int]) -> dict[int, list[Entry]]:
+        """The stored entries as bounding-box crops on the CPU (a host copy: for checkpoints and inspection)."""
+        filled, sizes, boxes = self.filled.tolist(), self.sizes.tolist(), self.boxes.tolist()
+        pixels, masks = self.pixels.cpu(), self.masks.cpu()
+        entries: dict[int, list[Entry]] = {}
+        for t, c in enumerate(tail_classes):
+            slots = entries[c] = []
+            for m in range(filled[t]):
+                top, left, bottom, right = boxes[t][m]
+                slots.append(Entry(pixels[t, m, :, top:bottom, left:right].clone(),
+                                   masks[t, m, top:bottom, left:right].clone(), top, left, *sizes[t][m]))
+        return entries
+
+    def write(self, t: int, m: int, entry: Entry) -> None:
+        """Write one host-side entry (a crop) into slot ``(t, m)``, in place."""
+        h, w = entry.mask.shape
+        box = (entry.top, entry.left, entry.top + h, entry.left + w) if h and w else (0, 0, 0, 0)
+        self.masks[t, m] = False
+        self.pixels[t, m, :, box[0] : box[2], box[1] : box[3]] = entry.pixels.to(self.pixels.device, self.pixels.dtype)
+        self.masks[t, m, box[0] : box[2], box[1] : box[3]] = entry.mask.to(self.masks.device)
+        self.sizes[t, m] = torch.tensor([entry.frame_height, entry.frame_width])
+        self.boxes[t, m] = torch.tensor(box)
 
 
 class TailMemoryBank(Callback):
@@ -65,20 +129,37 @@ class TailMemoryBank(Callback):
     object's bounding box at a uniformly random offset where it fits in the target (clipped if larger), so
     objects move around the image: this library's earlier behaviour.
 
-    **What is stored**: the reference keeps whole frames (the image and the positions of the class's
-    pixels) and resizes them at every paste. The bank keeps, per entry, the resized pixels and mask of the
-    class's bounding box, its position in the resized frame and the frame's size, which reproduces the
-    reference's pastes exactly in a fraction of the memory: whole frames would take ``memory_size x
-    #tail classes x C x H x W`` values (ADE20K, 124 tail classes at 512 x 512: 1.9 GB in float32). The
-    bounding box is resized when an entry is made, not at each paste. Entries are copies taken before any
-    pasting: the reference stores the frame tensor itself, which its own pastes of the same call then
-    modify (a tail object can carry pixels of a class pasted over it); that side effect is not reproduced.
+    **What is stored**: as the reference, whole frames: per tail class ``memory_size`` slots of the resized
+    frame's pixels, the class's pixels in it, the frame's size and the class's bounding box, in fixed-size
+    tensors on the batch's device (``memory_size x #tail classes x C x h' x w'`` values, the images' dtype;
+    frames of different sizes sit in the top-left corner of the largest one seen). AUCSeg's ADE20K setting
+    (124 tail classes, 512 x 512 crops, ``p_resize`` 0.4) takes 310 MB in float32; Cityscapes' (``p_resize``
+    1, 512 x 1024 crops) about 30 MB per tail class. The frame is resized once, when the entry is made, not at
+    each paste. Entries are copies taken before any pasting: the reference stores the frame tensor itself,
+    which its own pastes of the same call then modify (a tail object can carry pixels of a class pasted over
+    it); that side effect is not reproduced. Checkpoints hold only the bounding boxes' crops (:class:`Entry`).
 
     The whole batch updates the bank before any pasting, and an image's own classes are never pasted into
     it (only absent classes are), so an entry may come from another image of the same batch. (In the
-    reference each data-loader worker has its own bank, filled sample by sample.) The reference draws its
-    random numbers from Python's ``random`` module; the bank uses seeded ``torch.Generator`` streams with the
-    same draws in the same order (slot, class subset, entry, ``x``, ``y``).
+    reference each data-loader worker has its own bank, filled sample by sample.)
+
+    **Random numbers**: the reference calls Python's ``random`` in its loops, as many times as the data
+    asks. The bank draws a fixed set per step instead, uniform in ``[0, 1)`` (float64) from seeded
+    ``torch.Generator`` s on the batch's device: per frame and tail class one for the slot an entry replaces
+    when its class is full (the update's, the same on every rank), and per image and tail class one key,
+    one for the entry and one each for ``x`` and ``y`` (the pasting's, per rank). The reference's
+    ``randint(a, b)`` is ``a + floor(u * (b - a + 1))`` of the decision's number, and its ``random.sample``
+    of the absent classes is their order by key. Each decision of the reference maps to its own number, so
+    the decisions are the reference's for those random numbers (``tests/reference/test_memory_bank.py``
+    replays them to a transcription of AUCSeg's code). Seeds come from ``seed``, the number of batches seen
+    so far and the rank (for pasting), so a resumed run continues with the same bank and the same random
+    decisions as an uninterrupted one.
+
+    **Host synchronisation**: none in one process. Presence, boxes, slots (a cumulative count per class, a
+    ``scatter_reduce``), the write of the new entries into their slots, and the pastes (a fixed number of
+    rounds, ``ceil(p_sample * #tail classes)``, gathers of the whole batch) run on the device with sizes
+    known on the host. The cost: each step rewrites the bank's slots (a gather of ``memory_size x #tail
+    classes`` frames) and every round of pasting reads ``B x C x H_t x W_t`` values.
 
     **Tail classes**: ``tail_classes`` if given; otherwise the LightningModule's resolved ``tail_classes``
     attribute if it has one (e.g. :class:`~lightning_lt.tasks.SegmentationModule` with an explicit list);
@@ -91,26 +172,17 @@ class TailMemoryBank(Callback):
     random numbers, so the banks stay identical, the bank sees the whole training stream rather than one
     rank's shard, and checkpoints (written by rank 0) hold the complete bank: it equals the bank one process
     builds from the ranks' batches concatenated in rank order. Only what the step keeps is exchanged: (1) each
-    rank's frame header, then one row per tail object of its batch (image, class, bounding box), by
-    ``all_gather`` of small integer tensors; (2) from these, every rank decides the slots of all new entries with the shared
-    generator, so every rank knows which entries survive the step (an entry that a later one of the same
-    step overwrites is never cropped nor sent); (3) each rank crops only its own surviving entries and sends
-    them once, as one byte buffer ``broadcast`` from that rank: the pixels in the images' dtype, the masks as
-    bytes. Pasting uses a per-rank random stream, so ranks paste different entries. Random numbers come from
-    ``seed``, the number of batches seen so far and the rank (for pasting), so a resumed run continues with the
-    same bank and the same random decisions as an uninterrupted one.
+    rank's frame header (batch size, channels, dtype, frame size, number of tail objects), then every rank's
+    boxes, by ``all_gather`` of small integer tensors; (2) from these, every rank decides the slots of all new
+    entries with the shared numbers, so every rank knows which entries survive the step (an entry that a later
+    one of the same step overwrites is never cropped nor sent); (3) each rank crops only its own surviving
+    entries and sends them once, as one byte buffer ``broadcast`` from that rank: the pixels in the images'
+    dtype, the masks as bytes. The buffers' sizes must be known on the host, so under DDP the step copies the
+    gathered header and the surviving entries' slots and boxes to the host: two synchronisations (one when no
+    rank has a tail object). Pasting uses a per-rank random stream, so ranks paste different entries.
 
-    **Host synchronisation**: once per step, the boxes of the tail classes in the batch (``[B, T, 4]``
-    integers, found on the device) are copied to the host (``Tensor.tolist`` in :meth:`update_and_paste`;
-    under DDP the gathered header and object rows instead, two copies, one if no rank has a tail object).
-    This cannot be avoided: the bank is a host-side list of crops whose sizes are the objects' sizes, and
-    which slots the new entries take depends on which classes the batch holds. Everything else (slot
-    decisions, cropping and resizing the kept boxes, the byte exchange, pasting) runs on host integers and
-    device kernels without another synchronisation; the random decisions are drawn from CPU
-    ``torch.Generator`` s (host values: no device involved).
-
-    **Checkpointing**: the entries (on CPU), the batch counter and the tail classes are in the callback's
-    ``state_dict``. Entries are kept on the batch's device during training (moved there once after a resume).
+    **Checkpointing**: the entries (bounding-box crops on the CPU, :class:`Entry`), the batch counter and the
+    tail classes are in the callback's ``state_dict``. A restored bank is moved to the batch's device once.
 
     The batch must be ``(images, masks, ...)`` (tuple or list) or a dict holding them under ``image_key`` and
     ``mask_key``: images float ``[B, C, H, W]`` and masks integer ``[B, H, W]``; both are modified in place.
@@ -136,7 +208,7 @@ class TailMemoryBank(Callback):
     Raises:
         ValueError: on invalid arguments; at setup, if the number of classes cannot be found, or the tail
             classes are empty, out of range, or cannot be resolved (no list and no pixel class counts); on a
-            dict batch without ``image_key`` or ``mask_key``.
+            dict batch without ``image_key`` or ``mask_key``; on a batch whose channels differ from the bank's.
 
     Example:
         >>> import torch
@@ -193,15 +265,28 @@ class TailMemoryBank(Callback):
         self.tail_classes: Optional[list[int]] = self.requested_tail_classes
         if num_classes is not None and tail_classes is not None:
             self.tail_classes = validate_tail_classes(tail_classes, num_classes)
-        self.entries: dict[int, list[Entry]] = {}
         self.batches_seen = 0
-        self._entries_device: Optional[torch.device] = None
+        self._bank: Optional[_Bank] = None
+        self._restored: dict[int, list[Entry]] = {}  # entries of a checkpoint, written into the bank at the next batch
         self._resizes: dict[tuple[tuple[int, ...], torch.device], _FrameResize] = {}
         self._tail_index: dict[torch.device, Tensor] = {}
+        self._device_generators: dict[torch.device, torch.Generator] = {}
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(memory_size=self.memory_size, p_sample=self.p_sample, p_resize=self.p_resize)
+
+    @property
+    def entries(self) -> dict[int, list[Entry]]:
+        """The stored entries per tail class, as bounding-box crops on the CPU (copied from the device: for
+        checkpoints and inspection, not for the training loop)."""
+        if self._bank is None:
+            return {c: list(self._restored.get(c, [])) for c in self.tail_classes or []}
+        return self._bank.entries(self.tail_classes)
+
+    def num_entries(self) -> dict[int, int]:
+        """Stored entries per tail class."""
+        return {c: len(slots) for c, slots in self.entries.items()}
 
     # ------------------------------------------------------------------------------------ set-up
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -236,9 +321,10 @@ class TailMemoryBank(Callback):
             tail = pixel_tail_classes(counts, self.tail_share)
         if self.ignore_index is not None and self.ignore_index in tail:
             raise ValueError(f"The ignore index {self.ignore_index} cannot be a tail class (tail classes: {tail}).")
+        if tail != self.tail_classes and self._bank is not None:  # re-indexed by the new list at the next batch
+            self._restored, self._bank = self.entries, None
         self.tail_classes = tail
         self._tail_index = {}
-        self.entries = {c: self.entries.get(c, []) for c in tail}
         rank_zero_info(f"TailMemoryBank: {len(tail)} tail classes {tail}")
 
     # ---------------------------------------------------------------------------------- training
@@ -251,10 +337,7 @@ class TailMemoryBank(Callback):
     @torch.no_grad()
     def update_and_paste(self, images: Tensor, masks: Tensor, world_size: int = 1, rank: int = 0) -> None:
         """Update the bank with the batch (with every rank's batch when ``world_size > 1``), then paste absent
-        tail classes into ``images`` / ``masks`` in place.
-
-        The one host synchronisation of the step is the copy of the boxes of the batch's tail classes to the
-        host (see the class's docstring)."""
+        tail classes into ``images`` / ``masks`` in place. In one process, without a host synchronisation."""
         if self.tail_classes is None or self.num_classes is None:
             raise RuntimeError("TailMemoryBank is not set up: add it to the Trainer's callbacks, or pass "
                                "`tail_classes` and `num_classes` to use `update_and_paste` outside a Trainer.")
@@ -263,59 +346,102 @@ class TailMemoryBank(Callback):
                 f"TailMemoryBank expects images [B, C, H, W] and masks [B, H, W] of the same size, got "
                 f"{tuple(images.shape)} and {tuple(masks.shape)}"
             )
-        self._move_entries(images.device)
         resize = self._resize(masks.shape[-2:], images.device)
-        boxes = self._boxes(masks, resize)
-        distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
-        if distributed:
-            frames = _gather_frames(images, boxes, resize.out_size, world_size)
-        else:  # the step's host synchronisation
-            objects = [(b, t, box) for b, row in enumerate(boxes.tolist()) for t, box in enumerate(row) if box[0] >= 0]
-            frames = [_Frames(objects, images.shape[0], images.shape[1], images.dtype, resize.out_size)]
-        # the step's new entries in rank, image, tail-class order: (source rank, image, tail index, box)
-        new = [(r, b, t, box) for r, frame in enumerate(frames) for b, t, box in frame.objects]
-        update_generator, paste_generator = self._generators(rank)
-        kept = self._plan([self.tail_classes[t] for _, _, t, _ in new], update_generator)
-        survivors = sorted(set(kept.values()))
-        made: dict[int, Entry] = {}
-        for i in survivors:  # only this rank's objects that the step keeps are cropped
-            source, b, t, box = new[i]
-            if source == rank:
-                made[i] = resize.entry(images[b], masks[b], self.tail_classes[t], box)
-        if distributed:
-            made = _share_entries(made, [(i, new[i][0], new[i][3]) for i in survivors], frames, rank, images.device)
-        self._store(kept, made)
-        self._paste(images, masks, frames[rank].absent(len(self.tail_classes)), paste_generator)
+        boxes = self._boxes(masks, resize)  # [B, T, 4], -1 where the class is absent
+        present = boxes[..., 0] >= 0
+        update_generator, paste_generator = self._generators(rank, images.device)
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            self._update_distributed(images, masks, resize, boxes, update_generator, world_size, rank)
+        else:
+            bank = self._fit(images, resize.out_size)
+            uniforms = _uniforms(update_generator, present.shape, images.device)
+            writer, filled = _plan(present, bank.filled, uniforms, self.memory_size)
+            self._bank = self._write(bank, writer, filled, resize, images, masks, boxes)
+        self._paste(images, masks, present, _uniforms(paste_generator, (4, *present.shape), images.device))
         self.batches_seen += 1
 
-    def _generators(self, rank: int) -> tuple[torch.Generator, torch.Generator]:
-        """The step's generators: of the update (the same on every rank) and of the pasting (per rank)."""
+    def _generators(self, rank: int, device: torch.device) -> tuple[torch.Generator, torch.Generator]:
+        """The step's generators on ``device``: of the update (the same on every rank) and of the pasting (per
+        rank). Seeding is a host operation."""
         step_seed = self.seed * 1_000_003 + self.batches_seen
-        return (torch.Generator().manual_seed(step_seed),
-                torch.Generator().manual_seed(step_seed * 7919 + 104_729 * (rank + 1)))
+        if device not in self._device_generators:
+            self._device_generators[device] = (torch.Generator(device), torch.Generator(device))
+        update, paste = self._device_generators[device]
+        return update.manual_seed(step_seed), paste.manual_seed(step_seed * 7919 + 104_729 * (rank + 1))
 
-    def _move_entries(self, device: torch.device) -> None:
-        """Entries live on the batch's device; those restored from a checkpoint (CPU) move there once."""
-        if self._entries_device != device:
-            self.entries = {c: [entry.to(device) for entry in slots] for c, slots in self.entries.items()}
-            self._entries_device = device
+    def _fit(self, images: Tensor, frame_size: Sequence[int]) -> _Bank:
+        """The bank, made or grown for frames of ``frame_size`` on the images' device and dtype; a checkpoint's
+        entries are written into it here, once."""
+        channels, dtype, device = images.shape[1], images.dtype, images.device
+        if self._bank is None:
+            restored = [e for slots in self._restored.values() for e in slots]
+            size = (max([frame_size[0], *(e.frame_height for e in restored)]),
+                    max([frame_size[1], *(e.frame_width for e in restored)]))
+            self._bank = _Bank.empty(len(self.tail_classes), self.memory_size, channels, size, dtype, device)
+            for t, c in enumerate(self.tail_classes):
+                for m, entry in enumerate(self._restored.get(c, [])[: self.memory_size]):
+                    self._bank.write(t, m, entry)
+                self._bank.filled[t] = min(len(self._restored.get(c, [])), self.memory_size)
+            self._restored = {}
+        self._bank = self._bank.fit(channels, frame_size, dtype, device)
+        return self._bank
 
-    def _resize(self, size: Sequence[int], device: torch.device) -> _FrameResize:
-        key = (tuple(size), device)
-        if key not in self._resizes:
-            if len(self._resizes) >= 16:  # batches of ever new sizes: keep the cache small
-                self._resizes.clear()
-            self._resizes[key] = _FrameResize(size, self.p_resize, device)
-        return self._resizes[key]
+    def _write(self, bank: _Bank, writer: Tensor, filled: Tensor, resize: _FrameResize, images: Tensor,
+               masks: Tensor, boxes: Tensor) -> _Bank:
+        """The bank with slot ``(t, m)`` holding the entry of frame ``writer[t, m]`` (unchanged where ``-1``):
+        every slot is rewritten by one gather, so nothing is sized by the data."""
+        frames, labels = resize.images(images), resize.labels(masks)
+        pad = (0, bank.frame[1] - frames.shape[-1], 0, bank.frame[0] - frames.shape[-2])
+        frames, labels = F.pad(frames, pad), F.pad(labels, pad, value=-1)
+        new = writer >= 0
+        source = writer.clamp(min=0)
+        tail = self._tail(images.device)
+        t_index = torch.arange(len(tail), device=images.device)[:, None].expand_as(source)
+        return _Bank(
+            torch.where(new[..., None, None, None], frames[source], bank.pixels),
+            torch.where(new[..., None, None], labels[source] == tail[:, None, None, None], bank.masks),
+            torch.where(new[..., None], resize.out_size_tensor, bank.sizes),
+            torch.where(new[..., None], boxes[source, t_index].long(), bank.boxes),
+            filled,
+        )
+
+    def _update_distributed(self, images: Tensor, masks: Tensor, resize: _FrameResize, boxes: Tensor,
+                            generator: torch.Generator, world_size: int, rank: int) -> None:
+        """The update under DDP (see the class docstring): every rank's boxes gathered, the slots planned on
+        every rank alike, then only the surviving entries exchanged, each sent once by the rank that holds it."""
+        headers, gathered = _gather_frames(images, boxes, resize.out_size, world_size)
+        frame = (max(h[3] for h in headers), max(h[4] for h in headers))
+        bank = self._fit(images, frame)
+        if gathered is None:  # no tail object on any rank: the bank stays as it is
+            return
+        uniforms = _uniforms(generator, gathered.shape[:2], images.device)
+        writer, filled = _plan(gathered[..., 0] >= 0, bank.filled, uniforms, self.memory_size)
+        source = writer.clamp(min=0)
+        t_index = torch.arange(writer.shape[0], device=writer.device)[:, None].expand_as(writer)
+        kept = torch.cat([writer[..., None], gathered[source, t_index].long()], dim=-1)  # [T, M, 5]
+        starts = [sum(h[0] for h in headers[:r]) for r in range(world_size)]
+        survivors = []  # (slot, source rank, image, box) in the same order on every rank
+        for t, row in enumerate(kept.tolist()):  # the step's second synchronisation: sizes for the exchange
+            for m, (frame_index, *box) in enumerate(row):
+                if frame_index >= 0:
+                    r = max(r for r in range(world_size) if starts[r] <= frame_index)
+                    survivors.append(((t, m), r, frame_index - starts[r], box))
+        own = [(slot, b, box) for slot, r, b, box in survivors if r == rank]
+        made = {slot: resize.entry(images[b], masks[b], self.tail_classes[slot[0]], box) for slot, b, box in own}
+        for slot, entry in self._exchange(made, survivors, headers, rank, images.device).items():
+            bank.write(*slot, entry)
+        self._bank = bank._replace(filled=filled)
+
+    def _exchange(self, made: dict[tuple[int, int], Entry], survivors: list, headers: list[list[int]], rank: int,
+                  device: torch.device) -> dict[tuple[int, int], Entry]:
+        """Every surviving entry on every rank, from each rank's own ones ``made`` (see :func:`_share_entries`)."""
+        return _share_entries(made, survivors, headers, rank, device)
 
     def _boxes(self, masks: Tensor, resize: _FrameResize) -> Tensor:
         """``[B, T, 4]`` int32 ``(top, left, bottom, right)`` of each tail class's pixels in each resized frame:
         ``-1`` where the class is absent, ``0`` where only the resize dropped its pixels (an empty entry). On the
         masks' device, without host synchronisation."""
-        device = masks.device
-        if device not in self._tail_index:  # built once per device: a host-to-device copy at every step would sync
-            self._tail_index[device] = torch.tensor(self.tail_classes, device=device)
-        tail = self._tail_index[device]
+        tail = self._tail(masks.device)
         labels = _class_index(resize.labels(masks), self.num_classes)
         row_hits = _hits(labels, self.num_classes)[..., tail]  # [B, h, T]: class t in row y
         col_hits = _hits(labels.transpose(1, 2), self.num_classes)[..., tail]  # [B, w, T]
@@ -327,55 +453,67 @@ class TailMemoryBank(Callback):
         box = torch.stack([top, left, bottom, right], dim=-1)
         return torch.where(present[..., None], box, -1).to(torch.int32)
 
-    def _plan(self, classes: list[int], generator: torch.Generator) -> dict[tuple[int, int], int]:
-        """Where the step's new entries of classes ``classes`` end up: ``{(class, slot): i}``, ``i`` the index in
-        ``classes`` of the last entry written to that slot. Entries are written in order: appended while their
-        class has fewer than ``memory_size``, else into a uniformly random slot (one draw each), so a later
-        entry can overwrite an earlier one of the same step."""
-        filled = {c: len(self.entries.get(c, [])) for c in set(classes)}
-        kept: dict[tuple[int, int], int] = {}
-        for i, c in enumerate(classes):
-            if filled[c] < self.memory_size:
-                slot = filled[c]
-                filled[c] += 1
-            else:
-                slot = _randint(0, self.memory_size - 1, generator)
-            kept[(c, slot)] = i
-        return kept
+    def _tail(self, device: torch.device) -> Tensor:
+        """The tail class ids on ``device``, built once per device (a host-to-device copy at every step would
+        synchronise)."""
+        if device not in self._tail_index:
+            self._tail_index[device] = torch.tensor(self.tail_classes, device=device)
+        return self._tail_index[device]
 
-    def _store(self, kept: dict[tuple[int, int], int], made: dict[int, Entry]) -> None:
-        """Write the entries ``made[i]`` into the slots that :meth:`_plan` gave them."""
-        for (c, slot), i in sorted(kept.items()):
-            slots = self.entries.setdefault(c, [])
-            if slot < len(slots):
-                slots[slot] = made[i]
-            else:  # planned slots of a class that is not full follow its last one
-                slots.append(made[i])
+    def _resize(self, size: Sequence[int], device: torch.device) -> _FrameResize:
+        key = (tuple(size), device)
+        if key not in self._resizes:
+            if len(self._resizes) >= 16:  # batches of ever new sizes: keep the cache small
+                self._resizes.clear()
+            self._resizes[key] = _FrameResize(size, self.p_resize, device)
+        return self._resizes[key]
 
-    def _paste(self, images: Tensor, masks: Tensor, absent: list[list[int]], generator: torch.Generator) -> None:
-        """Paste into each image ``b`` entries of the tail classes ``absent[b]`` (indices into ``tail_classes``)."""
+    def _paste(self, images: Tensor, masks: Tensor, present: Tensor, uniforms: Tensor) -> None:
+        """Paste into each image entries of the tail classes it lacks (``~present`` ``[B, T]``), with the step's
+        pasting numbers ``uniforms`` ``[4, B, T]`` (key, entry, ``x``, ``y`` of each image's classes).
+
+        Round ``j`` pastes, into every image at once, its ``j``-th class in key order if ``j`` is below its number
+        of picks ``ceil(p_sample * #absent)`` and the class has entries: a gather of the chosen entries at the
+        drawn offsets, written where their class pixels land."""
+        bank = self._bank
+        batch, num_tail = present.shape
         height, width = masks.shape[-2:]
-        for b, missing in enumerate(absent):
-            if not missing:
-                continue
-            for i in _sample(len(missing), math.ceil(len(missing) * self.p_sample), generator):
-                c = self.tail_classes[missing[i]]
-                slots = self.entries.get(c)
-                if not slots:
-                    continue
-                entry = slots[_randint(0, len(slots) - 1, generator)]
-                if self.placement == "reference":  # the whole resized frame is placed, x first (as the reference)
-                    left = _offset(width, entry.frame_width, generator) + entry.left
-                    top = _offset(height, entry.frame_height, generator) + entry.top
-                else:  # the object's bounding box is placed
-                    left = _offset(width, entry.mask.shape[1], generator)
-                    top = _offset(height, entry.mask.shape[0], generator)
-                _paste_entry(images[b], masks[b], entry, top, left, c)
+        device = images.device
+        picks = torch.ceil((~present).sum(dim=1).double() * self.p_sample).long()
+        order = uniforms[0].masked_fill(present, 2.0).argsort(dim=1, stable=True)  # absent classes first, by key
+        images_index = torch.arange(batch, device=device)
+        rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+        channels = torch.arange(images.shape[1], device=device)
+        labels = self._tail(device).to(masks.dtype)
+        frame_h, frame_w = bank.frame
+        for j in range(math.ceil(num_tail * self.p_sample)):
+            t = order[:, j]
+            count = bank.filled[t]
+            active = (picks > j) & (count > 0)
+            m = _randint(0, count - 1, uniforms[1, images_index, t]).clamp(min=0)
+            size, box = bank.sizes[t, m], bank.boxes[t, m]
+            if self.placement == "reference":  # the whole resized frame is placed
+                span, origin = size, torch.zeros_like(size)
+            else:  # the object's bounding box is placed
+                span, origin = box[:, 2:] - box[:, :2], box[:, :2]
+            x = _offset(width, span[:, 1], uniforms[2, images_index, t])
+            y = _offset(height, span[:, 0], uniforms[3, images_index, t])
+            source_y = rows[None] - y[:, None] + origin[:, :1]  # [B, H]
+            source_x = cols[None] - x[:, None] + origin[:, 1:]  # [B, W]
+            inside = (((source_y >= 0) & (source_y < size[:, :1]))[:, :, None]
+                      & ((source_x >= 0) & (source_x < size[:, 1:]))[:, None, :])
+            source_y, source_x = source_y.clamp(0, frame_h - 1), source_x.clamp(0, frame_w - 1)
+            hit = bank.masks[t[:, None, None], m[:, None, None], source_y[:, :, None], source_x[:, None, :]]
+            hit = hit & inside & active[:, None, None]
+            pixels = bank.pixels[t[:, None, None, None], m[:, None, None, None], channels[None, :, None, None],
+                                 source_y[:, None, :, None], source_x[:, None, None, :]]
+            images.copy_(torch.where(hit[:, None], pixels.to(images.dtype), images))
+            masks.copy_(torch.where(hit, labels[t][:, None, None], masks))
 
     # ------------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
         return {
-            "entries": {c: [list(entry.to("cpu")) for entry in slots] for c, slots in self.entries.items()},
+            "entries": {c: [list(entry) for entry in slots] for c, slots in self.entries.items()},
             "batches_seen": self.batches_seen,
             "tail_classes": self.tail_classes,
             "seed": self.seed,
@@ -403,12 +541,45 @@ class TailMemoryBank(Callback):
                     f"of this run ({self.tail_classes}); they are dropped."
                 )
             entries = {c: entries.get(c, [])[: self.memory_size] for c in self.tail_classes}
-        self.entries = entries
-        self._entries_device = None
+        self._restored, self._bank = entries, None
 
-    def num_entries(self) -> dict[int, int]:
-        """Stored entries per tail class."""
-        return {c: len(slots) for c, slots in self.entries.items()}
+
+def _uniforms(generator: torch.Generator, shape: Sequence[int], device: torch.device) -> Tensor:
+    """The step's random numbers: uniform in ``[0, 1)``, float64, drawn on ``device`` from ``generator``."""
+    return torch.rand(*shape, generator=generator, device=device, dtype=torch.float64)
+
+
+def _randint(low: Any, high: Any, uniform: Tensor) -> Tensor:
+    """Python's ``random.randint(low, high)`` (both included) of the number ``uniform`` in ``[0, 1)``:
+    ``low + floor(uniform * (high - low + 1))``, elementwise (``high`` where ``high < low``)."""
+    value = low + torch.floor(uniform * (high - low + 1)).long()
+    return torch.minimum(value, high) if isinstance(high, Tensor) else value.clamp(max=high)
+
+
+def _offset(target: int, size: Tensor, uniform: Tensor) -> Tensor:
+    """Offset of a ``size`` span in a ``target`` span: uniform in ``[0, target - size]`` when it fits (the
+    reference's ``random.randint(0, target - size)``), else in ``[target - size, 0]``, so that it covers it."""
+    room = target - size
+    return _randint(room.clamp(max=0), room.clamp(min=0), uniform)
+
+
+def _plan(present: Tensor, filled: Tensor, uniforms: Tensor, memory_size: int) -> tuple[Tensor, Tensor]:
+    """Where the step's new entries end up, for frames ``present`` ``[N, T]`` (frames in update order) and
+    ``filled[t]`` slots in use: ``writer`` ``[T, M]``, the frame whose entry slot ``(t, m)`` holds after the
+    step (``-1``: unchanged), and the slots in use after it.
+
+    Entries are written in frame order, as the reference writes them: appended while their class has fewer than
+    ``memory_size`` (slot = entries before it), else into slot ``randint(0, M - 1)`` of their own number in
+    ``uniforms`` ``[N, T]``; a later entry overwrites an earlier one of the same step, so a slot keeps the last
+    frame written to it (``scatter_reduce`` with ``amax``). On the device, without host synchronisation."""
+    count = present.long()
+    before = filled[None, :] + count.cumsum(dim=0) - count
+    slot = torch.where(before < memory_size, before, _randint(0, memory_size - 1, uniforms))
+    slot = torch.where(present, slot, memory_size)  # absent: a spare column, dropped below
+    frames = torch.arange(present.shape[0], device=present.device)[:, None].expand_as(slot)
+    writer = torch.full((present.shape[1], memory_size + 1), -1, dtype=torch.long, device=present.device)
+    writer.scatter_reduce_(1, slot.T.contiguous(), frames.T.contiguous(), reduce="amax")
+    return writer[:, :memory_size], (filled + count.sum(dim=0)).clamp(max=memory_size)
 
 
 class _FrameResize:
@@ -424,6 +595,7 @@ class _FrameResize:
     def __init__(self, size: Sequence[int], p_resize: float, device: torch.device) -> None:
         self.in_size = (int(size[0]), int(size[1]))
         self.out_size = tuple(max(1, int(n * p_resize)) for n in self.in_size)
+        self.out_size_tensor = torch.tensor(self.out_size, device=device)  # once, not per step (a copy would sync)
         self.identity = self.out_size == self.in_size
         if not self.identity:
             self.nearest = [_nearest_index(o, i, device) for o, i in zip(self.out_size, self.in_size)]
@@ -436,31 +608,34 @@ class _FrameResize:
         rows, cols = self.nearest
         return masks[:, rows][:, :, cols]
 
+    def images(self, images: Tensor) -> Tensor:
+        """The image frames ``[..., C, H, W]`` resized (bilinear), ``[..., C, h', w']``, in their dtype."""
+        if self.identity:
+            return images
+        (y0, y1, wy), (x0, x1, wx) = self.linear
+        work = images if images.dtype in (torch.float32, torch.float64) else images.float()
+        wx, wy = wx.to(work.dtype), wy.to(work.dtype)
+        near, far = work[..., y0, :], work[..., y1, :]
+        near = near[..., x0] * (1 - wx) + near[..., x1] * wx
+        far = far[..., x0] * (1 - wx) + far[..., x1] * wx
+        return (near * (1 - wy)[:, None] + far * wy[:, None]).to(images.dtype)
+
     def entry(self, image: Tensor, mask: Tensor, label: int, box: Sequence[int]) -> Entry:
         """The entry of class ``label`` of one ``image`` ``[C, H, W]`` with label frame ``mask`` ``[H, W]``, whose
-        pixels cover ``box = (top, left, bottom, right)`` of the resized frame (``bottom <= top``: none).
-
-        The box's corners are host integers (from ``TailMemoryBank._boxes``): the crop's size depends on the
-        object, so it is sliced with host values rather than found on the device here."""
+        pixels cover ``box = (top, left, bottom, right)`` of the resized frame (``bottom <= top``: none): only the
+        box is resized (host integers: the DDP exchange's crops)."""
         top, left, bottom, right = box
         if bottom <= top:  # the resize dropped every pixel of the object: an empty entry
             return Entry(image.new_zeros(image.shape[0], 0, 0), mask.new_zeros(0, 0, dtype=torch.bool), 0, 0, *self.out_size)
         if self.identity:
-            region = mask[top:bottom, left:right] == label
-            pixels = image[:, top:bottom, left:right].clone()
-        else:
-            rows, cols = self.nearest
-            region = mask[rows[top:bottom]][:, cols[left:right]] == label
-            (y0, y1, wy), (x0, x1, wx) = (
-                tuple(t[a:z] for t in taps) for taps, a, z in zip(self.linear, (top, left), (bottom, right))
-            )
-            work = image if image.dtype in (torch.float32, torch.float64) else image.float()
-            wx, wy = wx.to(work.dtype), wy.to(work.dtype)
-            near, far = work[:, y0], work[:, y1]
-            near = near[:, :, x0] * (1 - wx) + near[:, :, x1] * wx
-            far = far[:, :, x0] * (1 - wx) + far[:, :, x1] * wx
-            pixels = (near * (1 - wy)[:, None] + far * wy[:, None]).to(image.dtype)
-        return Entry(pixels, region, top, left, *self.out_size)
+            return Entry(image[:, top:bottom, left:right].clone(), mask[top:bottom, left:right] == label, top, left,
+                         *self.out_size)
+        rows, cols = self.nearest
+        region = mask[rows[top:bottom]][:, cols[left:right]] == label
+        crop = _FrameResize.__new__(_FrameResize)  # the taps of the box's rows and columns
+        crop.identity, crop.linear = False, [tuple(t[a:z] for t in taps)
+                                             for taps, a, z in zip(self.linear, (top, left), (bottom, right))]
+        return Entry(crop.images(image), region, top, left, *self.out_size)
 
 
 def _class_index(labels: Tensor, num_classes: int) -> Tensor:
@@ -500,37 +675,6 @@ def _linear_taps(out_size: int, in_size: int, device: torch.device) -> tuple[Ten
     return start, (start + 1).clamp_max(in_size - 1), weight
 
 
-def _randint(low: int, high: int, generator: torch.Generator) -> int:
-    """Uniform integer in ``[low, high]`` (both included, as Python's ``random.randint``)."""
-    return low + int(torch.randint(high - low + 1, (1,), generator=generator))
-
-
-def _sample(n: int, k: int, generator: torch.Generator) -> list[int]:
-    """``k`` of ``range(n)`` without replacement, in random order (as Python's ``random.sample``)."""
-    return torch.randperm(n, generator=generator)[:k].tolist()
-
-
-def _offset(target: int, size: int, generator: torch.Generator) -> int:
-    """Offset of a ``size`` span in a ``target`` span: uniform in ``[0, target - size]`` when it fits (the
-    reference's ``random.randint(0, target - size)``), else in ``[target - size, 0]``, so that it covers it."""
-    return _randint(min(0, target - size), max(0, target - size), generator)
-
-
-def _paste_entry(image: Tensor, mask: Tensor, entry: Entry, top: int, left: int, label: int) -> None:
-    """Write the entry's class pixels at ``(top, left)`` of ``image`` ``[C, H, W]`` and ``mask`` ``[H, W]``
-    (in place), clipped to them."""
-    h, w = entry.mask.shape
-    y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + h, mask.shape[0]), min(left + w, mask.shape[1])
-    if y1 <= y0 or x1 <= x0:
-        return
-    region = entry.mask[y0 - top : y1 - top, x0 - left : x1 - left].to(mask.device)
-    pixels = entry.pixels[:, y0 - top : y1 - top, x0 - left : x1 - left].to(image.device, image.dtype)
-    image_view = image[:, y0:y1, x0:x1]
-    image_view.copy_(torch.where(region, pixels, image_view))
-    mask[y0:y1, x0:x1].masked_fill_(region, label)
-
-
 def split_segmentation_batch(
     batch: Any, image_key: str = "image", mask_key: str = "mask", owner: str = "the task"
 ) -> tuple[Tensor, Tensor]:
@@ -568,39 +712,17 @@ def _first_attr(name: str, *objects: Any) -> Any:
     return None
 
 
-class _Frames(NamedTuple):
-    """One rank's step as every rank sees it: the tail objects ``(image, tail index, box)`` in image, then
-    tail-class order (host integers, see ``TailMemoryBank._boxes``), the batch size, the images' channels and
-    dtype, and the resized frame size."""
-
-    objects: list[tuple[int, int, list[int]]]
-    batch_size: int
-    channels: int
-    dtype: torch.dtype
-    frame_size: tuple[int, int]
-
-    def absent(self, num_tail: int) -> list[list[int]]:
-        """Per image, the tail indices it lacks."""
-        present = [set() for _ in range(self.batch_size)]
-        for b, t, _ in self.objects:
-            present[b].add(t)
-        return [[t for t in range(num_tail) if t not in held] for held in present]
-
-    def entry_bytes(self, box: Sequence[int]) -> tuple[int, int]:
-        """Bytes of the pixels and of the mask of the entry of ``box``."""
-        area = max(0, box[2] - box[0]) * max(0, box[3] - box[1])
-        return area * self.channels * self.dtype.itemsize, area
-
-
 #: Image dtypes the DDP exchange can send, by the code it sends for them.
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8, torch.int16,
            torch.int32, torch.int64)
 
 
-def _gather_frames(images: Tensor, boxes: Tensor, frame_size: tuple[int, int], world_size: int) -> list[_Frames]:
-    """Every rank's :class:`_Frames`, in rank order, from two ``all_gather`` s of small integer tensors, each
-    copied to the host (the step's synchronisations under DDP): a header (batch size, channels, dtype, frame
-    size, number of tail objects), then the tail objects' rows ``(b * T + t, box)``, moved to the front by a
+def _gather_frames(images: Tensor, boxes: Tensor, frame_size: tuple[int, int],
+                   world_size: int) -> tuple[list[list[int]], Optional[Tensor]]:
+    """Every rank's header ``[batch size, channels, dtype code, frame height, frame width, tail objects]`` (copied
+    to the host: the step's first synchronisation under DDP) and, unless no rank has a tail object, every rank's
+    boxes ``[N, T, 4]`` (frames in rank order, ``-1`` where absent; on the device). Both by ``all_gather`` of
+    small integer tensors: the header, then one row ``(b * T + t, box)`` per tail object, moved to the front by a
     stable sort on the device and cut to the largest number of objects of a rank."""
     if images.dtype not in _DTYPES:
         raise ValueError(f"TailMemoryBank cannot exchange images of dtype {images.dtype} between ranks. HINT: "
@@ -620,56 +742,56 @@ def _gather_frames(images: Tensor, boxes: Tensor, frame_size: tuple[int, int], w
             f"({[(channels, str(_DTYPES[dtype])) for _, channels, dtype, _, _, _ in headers]}), so entries of one "
             "rank cannot be pasted into another's images. HINT: give every rank's data loader the same transforms."
         )
+    most = max(h[-1] for h in headers)
+    if most == 0:
+        return headers, None
     first = torch.argsort((~found).to(torch.uint8), stable=True)  # the objects first, in their order
     rows = torch.cat([first[:, None].to(boxes.dtype), flat[first]], dim=1)
-    most = max(h[-1] for h in headers)
-    if most == 0:  # no tail object on any rank
-        return [_Frames([], size, channels, _DTYPES[dtype], (height, width))
-                for size, channels, dtype, height, width, _ in headers]
     padded = rows.new_full((most, 5), -1)
     padded[: min(most, len(rows))] = rows[:most]
     gathered = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(gathered, padded)
-    every = torch.stack(gathered).tolist()
     num_tail = boxes.shape[1]
-    return [
-        _Frames([(i // num_tail, i % num_tail, box) for i, *box in every[r][:count]], size, channels, _DTYPES[dtype],
-                (height, width))
-        for r, (size, channels, dtype, height, width, count) in enumerate(headers)
-    ]
+    every = boxes.new_full((sum(h[0] for h in headers), num_tail, 4), -1)
+    start = 0
+    for part, (size, *_, count) in zip(gathered, headers):
+        index = part[:count, 0].long()
+        every[start + index // num_tail, index % num_tail] = part[:count, 1:]
+        start += size
+    return headers, every
 
 
-def _share_entries(made: dict[int, Entry], kept: list[tuple[int, int, list[int]]], frames: list[_Frames], rank: int,
-                   device: torch.device) -> dict[int, Entry]:
-    """Every kept entry on every rank: ``kept`` lists ``(i, source rank, box)`` of the step's kept entries, in
-    the same order on every rank, ``made`` this rank's own ones. Each rank sends its kept entries once, as one
-    uint8 buffer ``broadcast`` from it: the pixels' bytes (the images' dtype), then the masks' bytes. Every
-    rank knows every buffer's layout from the boxes, so nothing else is sent and the bytes are read back
-    without a host synchronisation."""
+def _share_entries(made: dict[tuple[int, int], Entry], survivors: list, headers: list[list[int]], rank: int,
+                   device: torch.device) -> dict[tuple[int, int], Entry]:
+    """Every surviving entry on every rank: ``survivors`` lists ``(slot, source rank, image, box)`` of the step's
+    surviving entries, in the same order on every rank, ``made`` this rank's own ones by slot. Each rank sends
+    its survivors once, as one uint8 buffer ``broadcast`` from it: the pixels' bytes (the images' dtype), then
+    the masks' bytes. Every rank knows every buffer's layout from the boxes, so nothing else is sent."""
     entries = dict(made)
-    for source, frame in enumerate(frames):
-        items = [(i, box) for i, r, box in kept if r == source and box[2] > box[0]]
+    for source, (_, channels, code, height, width, _) in enumerate(headers):
+        dtype = _DTYPES[code]
+        items = [(slot, box) for slot, r, _, box in survivors if r == source and box[2] > box[0]]
         if source != rank:  # objects that the resize dropped: empty entries, nothing to send
-            entries.update({i: Entry(torch.empty(frame.channels, 0, 0, dtype=frame.dtype, device=device),
-                                     torch.empty(0, 0, dtype=torch.bool, device=device), 0, 0, *frame.frame_size)
-                            for i, r, box in kept if r == source and box[2] <= box[0]})
+            entries.update({slot: Entry(torch.empty(channels, 0, 0, dtype=dtype, device=device),
+                                        torch.empty(0, 0, dtype=torch.bool, device=device), 0, 0, height, width)
+                            for slot, r, _, box in survivors if r == source and box[2] <= box[0]})
         if not items:  # every rank skips it: they all know the boxes
             continue
-        sizes = [frame.entry_bytes(box) for _, box in items]
-        pixel_bytes = sum(size for size, _ in sizes)
+        areas = [(box[2] - box[0]) * (box[3] - box[1]) for _, box in items]
+        pixel_bytes = sum(areas) * channels * dtype.itemsize
         if source == rank:
-            buffer = torch.cat([torch.cat([made[i].pixels.reshape(-1) for i, _ in items]).view(torch.uint8),
-                                torch.cat([made[i].mask.reshape(-1) for i, _ in items]).view(torch.uint8)])
+            buffer = torch.cat([torch.cat([made[slot].pixels.reshape(-1) for slot, _ in items]).view(torch.uint8),
+                                torch.cat([made[slot].mask.reshape(-1) for slot, _ in items]).view(torch.uint8)])
         else:
-            buffer = torch.empty(pixel_bytes + sum(area for _, area in sizes), dtype=torch.uint8, device=device)
+            buffer = torch.empty(pixel_bytes + sum(areas), dtype=torch.uint8, device=device)
         dist.broadcast(buffer, src=source)
         if source == rank:
             continue
-        pixels, masks = buffer[:pixel_bytes].view(frame.dtype), buffer[pixel_bytes:].view(torch.bool)
+        pixels, masks = buffer[:pixel_bytes].view(dtype), buffer[pixel_bytes:].view(torch.bool)
         pixel_at = mask_at = 0
-        for (i, (top, left, bottom, right)), (size, area) in zip(items, sizes):
-            count, shape = size // frame.dtype.itemsize, (bottom - top, right - left)
-            entries[i] = Entry(pixels[pixel_at : pixel_at + count].view(frame.channels, *shape).clone(),
-                               masks[mask_at : mask_at + area].view(shape).clone(), top, left, *frame.frame_size)
-            pixel_at, mask_at = pixel_at + count, mask_at + area
+        for (slot, (top, left, bottom, right)), area in zip(items, areas):
+            shape = (bottom - top, right - left)
+            entries[slot] = Entry(pixels[pixel_at : pixel_at + area * channels].view(channels, *shape),
+                                  masks[mask_at : mask_at + area].view(shape), top, left, height, width)
+            pixel_at, mask_at = pixel_at + area * channels, mask_at + area
     return entries

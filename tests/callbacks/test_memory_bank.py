@@ -489,22 +489,23 @@ def busy_frames(n: int, height: int, width: int, seed: int) -> tuple[torch.Tenso
     return images, masks
 
 
-def entries_written_in_order(steps, memory_size: int, p_resize: float, plan_seeds: list[int]):
+def entries_written_in_order(steps, memory_size: int, p_resize: float, update_draws: list):
     """The bank as the earlier implementation built it, independently of the library's code: every new entry of a
     step made (frames in order, then tail classes in order) and written in turn, appended while its class has
-    fewer than ``memory_size`` entries, else into the slot the step's update generator draws.
+    fewer than ``memory_size`` entries, else into slot ``randint(0, memory_size - 1)`` of the step's update
+    number of that frame and class (``floor(u * memory_size)``).
 
-    ``steps``: per step, the frames ``(source rank, image, mask)`` in update order. Returns the bank
+    ``steps``: per step, the frames ``(source rank, image, mask)`` in update order; ``update_draws``: per step, the
+    update numbers ``[frames, T]`` the bank drew (``None``: it drew none). Returns the bank
     ``{class: [(pixels, mask, top, left, frame height, frame width)]}`` and, per step, the ``(source rank, entry)``
     of the entries that the step leaves in the bank."""
     bank: dict = {c: [] for c in TAIL}
     kept_per_step = []
-    for frames, seed in zip(steps, plan_seeds):
-        generator = torch.Generator().manual_seed(seed)
+    for frames, draws in zip(steps, update_draws):
         written = {}
-        for source, image, mask in frames:
+        for n, (source, image, mask) in enumerate(frames):
             frame_image, frame_mask = resized_frame(image, mask, p_resize) if p_resize != 1 else (image, mask)
-            for c in TAIL:
+            for t, c in enumerate(TAIL):
                 if not (mask == c).any():
                     continue
                 hit = frame_mask == c
@@ -520,7 +521,7 @@ def entries_written_in_order(steps, memory_size: int, p_resize: float, plan_seed
                     slots.append(entry)
                     written[(c, len(slots) - 1)] = (source, entry)
                 else:
-                    slot = memory_bank._randint(0, memory_size - 1, generator)
+                    slot = math.floor(float(draws[n, t]) * memory_size)
                     slots[slot] = entry
                     written[(c, slot)] = (source, entry)
         kept_per_step.append(list(written.values()))
@@ -538,96 +539,123 @@ def assert_bank_equals(entries: dict, expected: dict) -> None:
             torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
 
 
+class DrawRecorder:
+    """Records the bank's random numbers per step: the update's ``[frames, T]`` and the pasting's ``[4, B, T]``."""
+
+    def __init__(self) -> None:
+        self.update: list = []
+        self.paste: list = []
+
+    def __call__(self, generator, shape, device):
+        values = UNIFORMS(generator, shape, device)
+        (self.update if len(shape) == 2 else self.paste).append(values.clone())
+        return values
+
+
+UNIFORMS = memory_bank._uniforms
+
+
 @pytest.fixture
-def plan_seeds(monkeypatch):
-    """The seeds of the update generators the bank plans its slots with, one per step."""
-    seeds: list[int] = []
-    plan = TailMemoryBank._plan
-
-    def recording_plan(self, classes, generator):
-        seeds.append(generator.initial_seed())
-        return plan(self, classes, generator)
-
-    monkeypatch.setattr(TailMemoryBank, "_plan", recording_plan)
-    return seeds
+def draws(monkeypatch) -> DrawRecorder:
+    recorder = DrawRecorder()
+    monkeypatch.setattr(memory_bank, "_uniforms", recorder)
+    return recorder
 
 
 @pytest.mark.parametrize("p_resize", [1.0, 0.5])
-def test_only_the_kept_entries_are_made_and_the_bank_is_as_if_every_entry_were_written(plan_seeds, p_resize):
-    """Slots are decided first and only the entries that survive the step are cropped; the bank is the one the
-    earlier implementation (every entry made and written in turn) builds, entry for entry."""
+def test_the_bank_is_as_if_every_entry_were_written_in_turn(draws, p_resize):
+    """Slots are decided on the device for the whole batch at once (a count per class, ``scatter_reduce``); the bank
+    is the one the earlier implementation (every entry made and written in turn) builds, entry for entry, with
+    entries of a step overwritten by later ones of the same step."""
     bank = ready_bank(memory_size=2, p_resize=p_resize, seed=4)
-    made = []
-    entry = memory_bank._FrameResize.entry
-
-    def counting_entry(self, *args):
-        made.append(args[2])
-        return entry(self, *args)
-
     steps = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(memory_bank._FrameResize, "entry", counting_entry)
-        for step in range(4):
-            images, masks = busy_frames(6, 16, 14, seed=step)
-            steps.append([(0, image.clone(), mask.clone()) for image, mask in zip(images, masks)])
-            bank.update_and_paste(images, masks)
-    expected, kept = entries_written_in_order(steps, 2, p_resize, plan_seeds)
+    for step in range(4):
+        images, masks = busy_frames(6, 16, 14, seed=step)
+        steps.append([(0, image.clone(), mask.clone()) for image, mask in zip(images, masks)])
+        bank.update_and_paste(images, masks)
+    expected, kept = entries_written_in_order(steps, 2, p_resize, draws.update)
     assert_bank_equals(bank.state_dict()["entries"], expected)
     new_entries = sum(int((mask == c).any()) for frames in steps for _, _, mask in frames for c in TAIL)
-    assert len(made) == sum(map(len, kept)) < new_entries  # overwritten within their step: never cropped
+    assert sum(map(len, kept)) < new_entries  # some were overwritten within their step
     if p_resize != 1:
         assert any(entry[1].numel() == 0 for step in kept for _, entry in step)  # dropped by the resize
 
 
 def sync_sites(calls) -> list[tuple[str, str]]:
-    """``(what, function)`` of host syncs recorded in memory_bank.py, leaving out the conversions of the random
-    draws in ``_randint`` / ``_sample`` (CPU generators: host values, no device involved)."""
+    """``(what, function)`` of host syncs recorded in memory_bank.py."""
     tree = ast.parse(Path(memory_bank.__file__).read_text())
     spans = [(node.lineno, node.end_lineno, node.name) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
     sites = []
     for what, where in calls:
         path, line = where.rsplit(":", 1)
         assert Path(path) == Path(memory_bank.__file__).resolve(), f"{what} at {where}"
-        name = max((s for s in spans if s[0] <= int(line) <= s[1]), key=lambda s: s[0])[2]
-        if name not in ("_randint", "_sample"):
-            sites.append((what, name))
+        sites.append((what, max((s for s in spans if s[0] <= int(line) <= s[1]), key=lambda s: s[0])[2]))
     return sites
 
 
+@pytest.mark.parametrize("placement", ["reference", "random_box"])
 @pytest.mark.parametrize("p_resize", [1.0, 0.4])
-def test_one_host_sync_per_step_the_copy_of_the_boxes(p_resize):
-    """The boxes of the batch's tail classes come to the host once per step; finding them, cropping the kept
-    entries and pasting use host integers and device kernels only."""
-    bank = ready_bank(memory_size=2, p_resize=p_resize, p_sample=0.5)
+def test_a_step_makes_no_host_sync(p_resize, placement):
+    """Finding the tail objects, planning the slots, writing the kept entries and pasting run on the device:
+    nothing is copied to the host and nothing is sized by the data, in any step (the bank made, filled, full)."""
+    bank = ready_bank(memory_size=2, p_resize=p_resize, p_sample=0.5, placement=placement)
     for step in range(3):
         images, masks = busy_frames(4, 20, 20, seed=step)
+        before = masks.clone()
         with HostSyncCounter() as syncs:
             bank.update_and_paste(images, masks)
-        assert sync_sites(syncs.calls) == [("Tensor.tolist", "update_and_paste")], syncs.report()
+        assert syncs.calls == [], syncs.report()
+        assert (masks != before).any()  # it pasted
     assert bank.num_entries() == {2: 2, 3: 2}
 
 
-def test_entries_restored_on_the_cpu_move_to_the_batch_device_once():
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch.cuda.set_sync_debug_mode)")
+@pytest.mark.parametrize("placement", ["reference", "random_box"])
+def test_a_step_makes_no_host_sync_on_cuda(placement):
+    """From the second step on (the first makes the bank and the per-device tensors), every step runs with
+    ``torch.cuda.set_sync_debug_mode("error")`` (the random numbers come from CUDA's generator, so the entries
+    differ from a CPU run's; their number does not)."""
+    cuda, cpu = (ready_bank(memory_size=2, p_resize=0.4, p_sample=0.5, placement=placement) for _ in range(2))
+    for step in range(4):
+        images, masks = busy_frames(4, 20, 20, seed=step)
+        on_cuda = images.cuda(), masks.cuda()
+        torch.cuda.synchronize()
+        if step:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            cuda.update_and_paste(*on_cuda)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        cpu.update_and_paste(images, masks)
+    assert cuda.num_entries() == cpu.num_entries() == {2: 2, 3: 2}
+
+
+def test_entries_restored_on_the_cpu_are_written_into_the_bank_once():
     bank = ready_bank(tail_classes=[2])
-    bank.update_and_paste(*two_image_batch())
+    for value in (0.7, 0.8):
+        bank.update_and_paste(*two_image_batch(value))
     restored = ready_bank(tail_classes=[2])
     restored.load_state_dict(bank.state_dict())
-    moved = []
+    assert restored.num_entries() == {2: 2}
+    written = []
+    write = memory_bank._Bank.write
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(memory_bank.Entry, "to", lambda entry, device: moved.append(device) or entry)
+        patch.setattr(memory_bank._Bank, "write", lambda *args: written.append(args[1:3]) or write(*args))
         for _ in range(2):
             restored.update_and_paste(*two_image_batch())
-    assert moved == [torch.device("cpu")]
+    assert written == [(0, 0), (0, 1)]
+    for entry, entry2 in zip(bank.entries[2], restored.entries[2]):
+        assert entries_equal(entry, entry2)
 
 
 class ExchangeRecorder(TailMemoryBank):
-    """Records, per step and rank: the batch before the bank, the update generator's seed, the bytes the rank
+    """Records, per step and rank: the batch before the bank, the update's random numbers, the bytes the rank
     receives by ``broadcast`` and the host syncs; forbids ``all_gather_object``; saves it all at the end."""
 
     def __init__(self, out_dir: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.out_dir = out_dir
-        self.record: dict = {"inputs": [], "seeds": [], "received": [], "syncs": []}
+        self.record: dict = {"inputs": [], "update_draws": [], "received": [], "syncs": []}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import torch.distributed as dist
@@ -635,6 +663,7 @@ class ExchangeRecorder(TailMemoryBank):
         self.record["inputs"].append((batch[0].clone(), batch[1].clone()))
         received = []
         broadcast = dist.broadcast
+        recorder = DrawRecorder()
 
         def counting_broadcast(tensor, src, *args, **kwargs):
             if src != trainer.global_rank:
@@ -647,13 +676,11 @@ class ExchangeRecorder(TailMemoryBank):
         with pytest.MonkeyPatch.context() as patch, HostSyncCounter() as syncs:
             patch.setattr(dist, "broadcast", counting_broadcast)
             patch.setattr(dist, "all_gather_object", forbidden)
+            patch.setattr(memory_bank, "_uniforms", recorder)
             super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         self.record["received"].append(sum(received))
         self.record["syncs"].append(sync_sites(syncs.calls))
-
-    def _plan(self, classes, generator):
-        self.record["seeds"].append(generator.initial_seed())
-        return super()._plan(classes, generator)
+        self.record["update_draws"].append(recorder.update[0] if recorder.update else None)
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.record["entries"] = self.state_dict()["entries"]
@@ -681,25 +708,27 @@ def test_ddp_exchange_sends_only_the_kept_entries_and_builds_the_shared_bank(tmp
     (so a step overwrites some of its own entries) and p_resize 0.5 (empty entries too): both ranks end with the
     same bank, entry for entry the bank of every entry written in turn in rank order (the earlier
     ``all_gather_object`` exchange's); each rank receives exactly the bytes of the other rank's entries that the
-    step keeps; the host syncs are the two copies of the gathered header and boxes per step."""
+    step keeps; the host syncs are the two copies of the gathered header and of the kept slots per step."""
     kwargs = {"tail_classes": TAIL, "memory_size": 2, "p_resize": 0.5, "seed": 5}
     module = SegmentationModule(TinySegNet, num_classes=NUM_CLASSES)
     trainer = make_trainer(tmp_path, [ExchangeRecorder(str(tmp_path), **kwargs)], max_epochs=1, limit_val_batches=0,
                            devices=2, strategy=DDP_STRATEGY, use_distributed_sampler=False)
     trainer.fit(module, datamodule=RankFrames())
     records = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
-    assert records[0]["seeds"] == records[1]["seeds"] and len(records[0]["seeds"]) == 4
+    draws = records[0]["update_draws"]
+    assert draws[3] is None and all(d.shape == (4 + 3, len(TAIL)) for d in draws[:3])
+    assert all(torch.equal(d, e) for d, e in zip(draws[:3], records[1]["update_draws"][:3]))  # shared numbers
     steps = [
         [(rank, image, mask) for rank in (0, 1) for image, mask in zip(*records[rank]["inputs"][step])]
         for step in range(4)
     ]
-    expected, kept = entries_written_in_order(steps, 2, 0.5, records[0]["seeds"])
+    expected, kept = entries_written_in_order(steps, 2, 0.5, draws)
     for rank in (0, 1):
         assert_bank_equals(records[rank]["entries"], expected)
         for step in range(4):
             other = [entry for source, entry in kept[step] if source != rank]
             assert records[rank]["received"][step] == sum(e[0].numel() * 4 + e[1].numel() for e in other)
-        assert records[rank]["syncs"] == [[("Tensor.tolist", "_gather_frames")] * 2] * 3 + [
+        assert records[rank]["syncs"] == [[("Tensor.tolist", "_gather_frames"), ("Tensor.tolist", "_update_distributed")]] * 3 + [
             [("Tensor.tolist", "_gather_frames")]  # no tail object on any rank: the header alone
         ]
     for c in TAIL:  # bitwise identical on both ranks

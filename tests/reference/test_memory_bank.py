@@ -7,9 +7,13 @@ tensors (``img`` ``[3, H, W]`` float32, ``gt_semantic_seg`` ``[1, H, W]`` int64,
 ``DefaultFormatBundle`` hands them over); its ``cv2.resize`` calls go to ``opencv_resize``, a transcription
 of OpenCV's ``cv::resize`` for the two interpolations used (checked against ``cv2`` when it is installed).
 
-Random numbers: the reference calls Python's ``random.randint`` / ``random.sample``. The test records every
-draw the library makes (value and bounds) and replays them to the transcription, which checks that it asks
-for the same bounds (the placement's ``randint(0, W - w)`` among them) in the same order.
+Random numbers: the reference calls Python's ``random.randint`` / ``random.sample`` as its loops need them. The
+library draws a fixed set of numbers per step (uniform in [0, 1): per frame and tail class one for the slot an
+entry replaces, one key, one for the entry, one each for x and y). The test records them, and the transcription's
+``rng`` answers each call from the number of that decision: ``randint(a, b)`` is ``a + floor(u * (b - a + 1))``
+with the bounds the reference asks for, ``sample`` orders the absent classes by their keys. The transcription
+tells its ``rng`` which decision (and class) each call is, through ``rng.decision(...)`` just before it; for
+Python's own ``random`` that is a no-op (``SeededRandom``).
 
 The library's one deliberate difference, storing a copy of the frame rather than the frame tensor that the
 same call's pastes then modify, is the transcription's ``copy_on_store`` switch (see
@@ -92,7 +96,7 @@ def opencv_resize(src: np.ndarray, dsize: tuple[int, int], interpolation: int, i
 class ReferenceTMemoryBank:
     """AUCSeg's ``TMemoryBank`` (boyuh/AUCSeg, mmseg/datasets/pipelines/t_memory_bank.py), step for step.
 
-    ``rng`` stands for Python's ``random`` module; ``copy_on_store=False`` is the reference as written (it
+    ``rng`` stands for Python's ``random`` module (with ``decision``, see the module docstring); ``copy_on_store=False`` is the reference as written (it
     stores ``results['img'].data`` itself), ``True`` stores a copy, as the library does.
     """
 
@@ -113,7 +117,7 @@ class ReferenceTMemoryBank:
         # offsets: randint(0, W - w) for x first, then y; only the pixels with gt2 != -1 replace the target's
         _, h_img, w_img = img.size()
         _, h_img2, w_img2 = img2.size()
-        x_offset = self.rng.randint(0, w_img - w_img2)
+        x_offset = self.rng.randint(0, w_img - w_img2)  # (the caller announced the decision: "paste", class)
         y_offset = self.rng.randint(0, h_img - h_img2)
         mask = gt2 == -1
         unmask = ~mask
@@ -154,6 +158,7 @@ class ReferenceTMemoryBank:
                 class_i_index = torch.where(results["gt_semantic_seg"].data == i)
                 stored = results["img"].data.clone() if self.copy_on_store else results["img"].data
                 if len(self.class_object_store_target[i]) == self.memory_size:
+                    self.rng.decision("slot", i)
                     del_num = self.rng.randint(0, self.memory_size - 1)
                     self.class_object_store_target[i][del_num] = class_i_index
                     self.class_object_store_img[i][del_num] = stored
@@ -162,15 +167,18 @@ class ReferenceTMemoryBank:
                     self.class_object_store_target[i][len(self.class_object_store_target[i])] = class_i_index
         if len(unique_not_small_index) != 0:
             n_pick = math.ceil(len(unique_not_small_index) * self.p_sample)
+            self.rng.decision("sample", unique_not_small_index)
             random_index = self.rng.sample(range(len(unique_not_small_index)), n_pick)
             for i in [unique_not_small_index[k] for k in random_index]:
                 if len(self.class_object_store_target[i]) == 0:
                     continue
+                self.rng.decision("entry", i)
                 add_num = self.rng.randint(0, len(self.class_object_store_target[i]) - 1)
                 temp_img = self.class_object_store_img[i][add_num]
                 temp_gt = self.class_object_store_target[i][add_num]
                 temp_img, temp_gt = self._transform(temp_img, temp_gt, i)
                 temp_img, temp_gt = self._resize_image_and_gt(temp_img, temp_gt, self.p_resize)
+                self.rng.decision("paste", i)
                 temp_img, temp_gt = self._add_image_to_image(
                     results["img"].data, temp_img, results["gt_semantic_seg"].data, temp_gt
                 )
@@ -182,43 +190,54 @@ class ReferenceTMemoryBank:
 # ------------------------------------------------------------------------------- driving both
 
 
+class SeededRandom(random.Random):
+    """Python's ``random`` for the transcription, run on its own."""
+
+    def decision(self, *what) -> None:
+        pass
+
+
 class Replay:
-    """Python's ``random`` for the transcription, answering with the library's recorded draws."""
+    """Python's ``random`` for the transcription, answering from the library's recorded numbers of one image.
 
-    def __init__(self, draws: list) -> None:
-        self.draws = draws
+    ``update``: ``[T]`` the slot numbers of the image's classes; ``paste``: ``[4, T]`` key, entry, x, y numbers."""
 
-    def _next(self, kind: str, args: tuple) -> object:
-        assert self.draws, f"the reference draws {kind}{args}, the library drew nothing more"
-        got_kind, got_args, value = self.draws.pop(0)
-        assert (got_kind, got_args) == (kind, args), f"the reference draws {kind}{args}, the library {got_kind}{got_args}"
-        return value
+    def __init__(self, update: torch.Tensor, paste: torch.Tensor) -> None:
+        self.update, self.paste = update.tolist(), paste.tolist()
+        self.what: tuple = ()
+        self.calls: list = []
+
+    def decision(self, *what) -> None:
+        self.what, self.offsets = what, iter((2, 3))  # a paste draws x, then y
 
     def randint(self, a: int, b: int) -> int:
-        return self._next("randint", (a, b))
+        kind, cls = self.what
+        row = {"slot": self.update, "entry": self.paste[1]}.get(kind) if kind != "paste" else self.paste[next(self.offsets)]
+        u = row[TAIL.index(cls)]
+        self.calls.append((kind, cls, a, b))
+        return a + min(math.floor(u * (b - a + 1)), b - a)
 
     def sample(self, population: range, k: int) -> list:
-        return [population[i] for i in self._next("sample", (len(population), k))]
+        kind, absent = self.what
+        assert kind == "sample" and len(population) == len(absent)
+        keys = [self.paste[0][TAIL.index(c)] for c in absent]
+        self.calls.append(("sample", tuple(absent), k))
+        return [population[i] for i in sorted(range(len(absent)), key=keys.__getitem__)[:k]]
 
 
 @pytest.fixture
 def recorded_draws(monkeypatch):
-    """Every random number the library draws, as ``(kind, bounds, value)``."""
+    """Every set of random numbers the library draws, in order (the update's ``[1, T]``, the pasting's
+    ``[4, 1, T]`` per step)."""
     draws: list = []
-    randint, sample = memory_bank._randint, memory_bank._sample
+    uniforms = memory_bank._uniforms
 
-    def recording_randint(low, high, generator):
-        value = randint(low, high, generator)
-        draws.append(("randint", (low, high), value))
-        return value
+    def recording(generator, shape, device):
+        values = uniforms(generator, shape, device)
+        draws.append(values.clone())
+        return values
 
-    def recording_sample(n, k, generator):
-        value = sample(n, k, generator)
-        draws.append(("sample", (n, k), value))
-        return value
-
-    monkeypatch.setattr(memory_bank, "_randint", recording_randint)
-    monkeypatch.setattr(memory_bank, "_sample", recording_sample)
+    monkeypatch.setattr(memory_bank, "_uniforms", recording)
     return draws
 
 
@@ -245,21 +264,25 @@ def run_both(recorded_draws, p_resize: float, p_sample: float, sizes: list[tuple
     g = torch.Generator().manual_seed(seed)
     bank = TailMemoryBank(tail_classes=TAIL, num_classes=NUM_CLASSES, ignore_index=255, memory_size=2,
                           p_sample=p_sample, p_resize=p_resize, seed=seed)
-    replay = Replay(recorded_draws)
+    replay = Replay(torch.zeros(len(TAIL)), torch.zeros(4, len(TAIL)))
     reference = ReferenceTMemoryBank(NUM_CLASSES, TAIL, memory_size=2, p_sample=p_sample, p_resize=p_resize,
                                      rng=replay, copy_on_store=True)
-    pasted = 0
+    pasted, kinds = 0, set()
     for height, width in sizes:
         image, label = random_frame(g, height, width)
         images, masks = image[None].clone(), label[None].clone()
         bank.update_and_paste(images, masks)
+        update, paste = recorded_draws[-2:]
+        assert update.shape == (1, len(TAIL)) and paste.shape == (4, 1, len(TAIL))
+        replay.update, replay.paste = update[0].tolist(), paste[:, 0].tolist()
         results = {"img": SimpleNamespace(data=image.clone()), "gt_semantic_seg": SimpleNamespace(data=label[None].clone())}
         reference(results)
-        assert not replay.draws, f"the library drew {replay.draws} that the reference did not"
         torch.testing.assert_close(masks[0], results["gt_semantic_seg"].data[0], rtol=0, atol=0)
         torch.testing.assert_close(images[0], results["img"].data, rtol=1e-6, atol=1e-6)
         pasted += int((masks[0] != label).sum())
+        kinds |= {call[0] for call in replay.calls}
     assert pasted > 0  # the comparison covered pastes
+    assert kinds == {"slot", "sample", "entry", "paste"}  # and every kind of decision
 
 
 @pytest.mark.parametrize("p_sample", [1.0, 0.5])
@@ -279,7 +302,7 @@ def test_shrunk_frames_are_pasted_as_the_reference_pastes_them(recorded_draws, p
 def test_the_reference_stores_frames_that_its_own_pastes_modify():
     """As written, the reference keeps the frame tensor itself; the pastes of the same call then change the
     stored pixels (the library stores a copy taken before pasting, the transcription's ``copy_on_store``)."""
-    bank = ReferenceTMemoryBank(4, [2, 3], memory_size=5, p_sample=1, p_resize=1, rng=random.Random(0))
+    bank = ReferenceTMemoryBank(4, [2, 3], memory_size=5, p_sample=1, p_resize=1, rng=SeededRandom(0))
     first = {"img": SimpleNamespace(data=torch.zeros(3, 4, 4)), "gt_semantic_seg": SimpleNamespace(data=torch.zeros(1, 4, 4, dtype=torch.long))}
     first["gt_semantic_seg"].data[0, :2] = 3
     first["img"].data[:, :2] = 3.0
