@@ -97,14 +97,20 @@ class PickledExchangeBank(TailMemoryBank):
             for b, t in part:
                 present[start + b, t] = True
         self.last_new = int(present.sum())
-        bank = self._fit(images, resize.out_size)
+        bank = self._fit(images, resize.out_size, len(present))
         uniforms = memory_bank._uniforms(generator, present.shape, images.device)
         writer, filled = memory_bank._plan(present.to(images.device), bank.filled, uniforms, self.memory_size)
+        into = bank.unkept(writer, len(present)).tolist()
+        cleared = set()
         for t, row in enumerate(writer.tolist()):
             for m, n in enumerate(row):
                 if n >= 0:
                     r = max(r for r in range(world_size) if starts[r] <= n)
-                    bank.write(t, m, gathered[r][1][(n - starts[r], t)])
+                    if into[n] not in cleared:
+                        bank.clear(into[n], self.num_classes)
+                        cleared.add(into[n])
+                    c = self.tail_classes[t]
+                    bank.point(t, m, into[n], bank.put(into[n], gathered[r][1][(n - starts[r], t)], c))
         self._bank = bank._replace(filled=filled)
 
 

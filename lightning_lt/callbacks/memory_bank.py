@@ -40,68 +40,102 @@ class Entry(NamedTuple):
 
 
 class _Bank(NamedTuple):
-    """The bank on the device, ``T`` tail classes of ``M`` slots, frames up to ``H x W``: slot ``(t, m)`` holds the
-    resized frame's pixels ``pixels[t, m, :, :h, :w]`` (at least those of the class's bounding box), the class's
-    pixels ``masks[t, m]`` (``False`` elsewhere), the frame size ``sizes[t, m] = (h, w)`` and the box
-    ``boxes[t, m] = (top, left, bottom, right)`` (all 0 for an empty entry); ``filled[t]`` slots are in use."""
+    """The bank on the device: a pool of ``P`` resized frames, each stored once however many of its classes are
+    kept, and ``M`` slots for each of ``T`` tail classes pointing into it.
 
-    pixels: Tensor  # [T, M, C, H, W], the images' dtype
-    masks: Tensor  # [T, M, H, W] bool
-    sizes: Tensor  # [T, M, 2] int64
+    Frame ``p`` is ``pixels[p, :, :h, :w]`` with ``(h, w) = sizes[p]`` and its class indices ``labels[p]`` (the
+    label frame's class ids; ``num_classes`` for ignored pixels and outside the frame: frames of different sizes
+    sit in the top-left corner of the largest one seen). Slot ``(t, m)`` is an entry of tail class ``t``: frame
+    ``refs[t, m]``, the class's bounding box ``boxes[t, m] = (top, left, bottom, right)`` in it (all 0 for an
+    empty entry); ``filled[t]`` slots are in use. ``P >= T x M + frames per step``, so every step finds room for
+    its frames among the frames that no slot keeps."""
+
+    pixels: Tensor  # [P, C, H, W], the images' dtype
+    labels: Tensor  # [P, H, W], int16 (int32 beyond 32,766 classes)
+    sizes: Tensor  # [P, 2] int64
+    refs: Tensor  # [T, M] int64
     boxes: Tensor  # [T, M, 4] int64
     filled: Tensor  # [T] int64
 
     @classmethod
-    def empty(cls, tail: int, memory: int, channels: int, size: tuple[int, int], dtype: torch.dtype,
-              device: torch.device) -> _Bank:
+    def empty(cls, tail: int, memory: int, pool: int, channels: int, size: tuple[int, int], dtype: torch.dtype,
+              num_classes: int, device: torch.device) -> _Bank:
+        label_dtype = torch.int16 if num_classes < 2**15 - 1 else torch.int32
         zeros = torch.zeros
-        return cls(zeros(tail, memory, channels, *size, dtype=dtype, device=device),
-                   zeros(tail, memory, *size, dtype=torch.bool, device=device),
-                   zeros(tail, memory, 2, dtype=torch.long, device=device),
+        return cls(zeros(pool, channels, *size, dtype=dtype, device=device),
+                   torch.full((pool, *size), num_classes, dtype=label_dtype, device=device),
+                   zeros(pool, 2, dtype=torch.long, device=device), zeros(tail, memory, dtype=torch.long, device=device),
                    zeros(tail, memory, 4, dtype=torch.long, device=device), zeros(tail, dtype=torch.long, device=device))
 
     @property
     def frame(self) -> tuple[int, int]:
-        return tuple(self.masks.shape[-2:])  # type: ignore[return-value]
+        return tuple(self.labels.shape[-2:])  # type: ignore[return-value]
 
-    def fit(self, channels: int, size: Sequence[int], dtype: torch.dtype, device: torch.device) -> _Bank:
-        """The bank on ``device`` in ``dtype``, its frames grown to hold ``size`` (host values: no synchronisation)."""
-        if channels != self.pixels.shape[2]:
+    def fit(self, channels: int, size: Sequence[int], pool: int, dtype: torch.dtype, num_classes: int,
+            device: torch.device) -> _Bank:
+        """The bank on ``device`` in ``dtype``, its frames grown to hold ``size`` and its pool to ``pool`` frames
+        (host values: no synchronisation)."""
+        if channels != self.pixels.shape[1]:
             raise ValueError(
-                f"TailMemoryBank holds images of {self.pixels.shape[2]} channels, the batch has {channels}. HINT: "
+                f"TailMemoryBank holds images of {self.pixels.shape[1]} channels, the batch has {channels}. HINT: "
                 "give every batch the same channels (the bank pastes its entries into them)."
             )
         bank = self if self.pixels.device == device else _Bank(*(t.to(device) for t in self))
         if bank.pixels.dtype != dtype:
             bank = bank._replace(pixels=bank.pixels.to(dtype))
         grow_h, grow_w = max(0, size[0] - bank.frame[0]), max(0, size[1] - bank.frame[1])
-        if grow_h or grow_w:
-            bank = bank._replace(pixels=F.pad(bank.pixels, (0, grow_w, 0, grow_h)),
-                                 masks=F.pad(bank.masks, (0, grow_w, 0, grow_h)))
+        more = max(0, pool - bank.pixels.shape[0])
+        if grow_h or grow_w or more:
+            pad = (0, grow_w, 0, grow_h)
+            bank = bank._replace(
+                pixels=F.pad(F.pad(bank.pixels, pad), (0, 0, 0, 0, 0, 0, 0, more)),
+                labels=F.pad(F.pad(bank.labels, pad, value=num_classes), (0, 0, 0, 0, 0, more), value=num_classes),
+                sizes=F.pad(bank.sizes, (0, 0, 0, more)),
+            )
         return bank
+
+    def unkept(self, writer: Tensor, count: int) -> Tensor:
+        """``count`` pool frames that no slot keeps once the step's writes (``writer >= 0``, see :func:`_plan`)
+        are done: the first ones in pool order, found on the device."""
+        memory = self.refs.shape[1]
+        kept = (writer < 0) & (torch.arange(memory, device=writer.device)[None] < self.filled[:, None])
+        used = torch.zeros(self.pixels.shape[0] + 1, dtype=torch.uint8, device=writer.device)
+        used.scatter_(0, torch.where(kept, self.refs, self.pixels.shape[0]).flatten(), 1)
+        return torch.argsort(used[:-1], stable=True)[:count]
 
     def entries(self, tail_classes: Sequence[int]) -> dict[int, list[Entry]]:
         """The stored entries as bounding-box crops on the CPU (a host copy: for checkpoints and inspection)."""
-        filled, sizes, boxes = self.filled.tolist(), self.sizes.tolist(), self.boxes.tolist()
-        pixels, masks = self.pixels.cpu(), self.masks.cpu()
+        filled, refs, boxes = self.filled.tolist(), self.refs.tolist(), self.boxes.tolist()
+        sizes, pixels, labels = self.sizes.tolist(), self.pixels.cpu(), self.labels.cpu()
         entries: dict[int, list[Entry]] = {}
         for t, c in enumerate(tail_classes):
             slots = entries[c] = []
             for m in range(filled[t]):
-                top, left, bottom, right = boxes[t][m]
-                slots.append(Entry(pixels[t, m, :, top:bottom, left:right].clone(),
-                                   masks[t, m, top:bottom, left:right].clone(), top, left, *sizes[t][m]))
+                (top, left, bottom, right), frame = boxes[t][m], refs[t][m]
+                slots.append(Entry(pixels[frame, :, top:bottom, left:right].clone(),
+                                   labels[frame, top:bottom, left:right] == c, top, left, *sizes[frame]))
         return entries
 
-    def write(self, t: int, m: int, entry: Entry) -> None:
-        """Write one host-side entry (a crop) into slot ``(t, m)``, in place."""
+    def put(self, frame: int, entry: Entry, label: int) -> tuple[int, int, int, int]:
+        """Write one host-side entry (a crop of class ``label``) into pool frame ``frame``, in place, beside what
+        the frame holds; returns its box."""
+        self.sizes[frame] = torch.tensor([entry.frame_height, entry.frame_width])
         h, w = entry.mask.shape
-        box = (entry.top, entry.left, entry.top + h, entry.left + w) if h and w else (0, 0, 0, 0)
-        self.masks[t, m] = False
-        self.pixels[t, m, :, box[0] : box[2], box[1] : box[3]] = entry.pixels.to(self.pixels.device, self.pixels.dtype)
-        self.masks[t, m, box[0] : box[2], box[1] : box[3]] = entry.mask.to(self.masks.device)
-        self.sizes[t, m] = torch.tensor([entry.frame_height, entry.frame_width])
-        self.boxes[t, m] = torch.tensor(box)
+        if not (h and w):
+            return 0, 0, 0, 0
+        top, left = entry.top, entry.left
+        self.pixels[frame, :, top : top + h, left : left + w] = entry.pixels.to(self.pixels.device, self.pixels.dtype)
+        region = self.labels[frame, top : top + h, left : left + w]
+        region.copy_(torch.where(entry.mask.to(region.device), label, region))
+        return top, left, top + h, left + w
+
+    def clear(self, frame: int, num_classes: int) -> None:
+        self.labels[frame] = num_classes
+
+    def point(self, t: int, m: int, frame: int, box: Sequence[int]) -> None:
+        """Slot ``(t, m)`` becomes the entry of ``box`` in pool frame ``frame``."""
+        self.refs[t, m] = frame
+        self.boxes[t, m] = torch.tensor(list(box))
 
 
 class TailMemoryBank(Callback):
@@ -129,15 +163,17 @@ class TailMemoryBank(Callback):
     object's bounding box at a uniformly random offset where it fits in the target (clipped if larger), so
     objects move around the image: this library's earlier behaviour.
 
-    **What is stored**: as the reference, whole frames: per tail class ``memory_size`` slots of the resized
-    frame's pixels, the class's pixels in it, the frame's size and the class's bounding box, in fixed-size
-    tensors on the batch's device (``memory_size x #tail classes x C x h' x w'`` values, the images' dtype;
-    frames of different sizes sit in the top-left corner of the largest one seen). AUCSeg's ADE20K setting
-    (124 tail classes, 512 x 512 crops, ``p_resize`` 0.4) takes 310 MB in float32; Cityscapes' (``p_resize``
-    1, 512 x 1024 crops) about 30 MB per tail class. The frame is resized once, when the entry is made, not at
-    each paste. Entries are copies taken before any pasting: the reference stores the frame tensor itself,
-    which its own pastes of the same call then modify (a tail object can carry pixels of a class pasted over
-    it); that side effect is not reproduced. Checkpoints hold only the bounding boxes' crops (:class:`Entry`).
+    **What is stored**: as the reference, whole frames: a pool of resized frames (pixels and class ids) on the
+    batch's device, each frame stored once however many of its classes are kept, and per tail class
+    ``memory_size`` slots, each naming a frame and the class's bounding box in it. The pool holds
+    ``#tail classes x memory_size + B`` frames of ``C x h' x w'`` values in the images' dtype, plus the class ids
+    (int16); frames of different sizes sit in the top-left corner of the largest one seen. AUCSeg's ADE20K
+    setting (124 tail classes, 16 crops of 512 x 512 per step, ``p_resize`` 0.4) takes 318 MB in float32 and 53 MB
+    of class ids; the Cityscapes one (``p_resize`` 1, 512 x 1024 crops) 7.3 MB per pool frame. A frame is resized once, when it
+    enters the bank, not at each paste. Entries are copies taken before any pasting: the reference stores the
+    frame tensor itself, which its own pastes of the same call then modify (a tail object can carry pixels of
+    a class pasted over it); that side effect is not reproduced. Checkpoints hold only the bounding boxes'
+    crops (:class:`Entry`).
 
     The whole batch updates the bank before any pasting, and an image's own classes are never pasted into
     it (only absent classes are), so an entry may come from another image of the same batch. (In the
@@ -155,11 +191,12 @@ class TailMemoryBank(Callback):
     so far and the rank (for pasting), so a resumed run continues with the same bank and the same random
     decisions as an uninterrupted one.
 
-    **Host synchronisation**: none in one process. Presence, boxes, slots (a cumulative count per class, a
-    ``scatter_reduce``), the write of the new entries into their slots, and the pastes (a fixed number of
-    rounds, ``ceil(p_sample * #tail classes)``, gathers of the whole batch) run on the device with sizes
-    known on the host. The cost: each step rewrites the bank's slots (a gather of ``memory_size x #tail
-    classes`` frames) and every round of pasting reads ``B x C x H_t x W_t`` values.
+    **Host synchronisation**: none in one process. Presence and boxes (scatters over the label frames), the
+    slots (a cumulative count per class and a ``scatter_reduce``), the pool frames that no slot keeps (an
+    ``argsort``), the write of the batch's ``B`` frames into them (``index_copy_``) and the pastes run on the
+    device with sizes known on the host. Pasting takes ``ceil(p_sample x #tail classes)`` rounds, each a gather
+    and a scatter over a window of the bank's frame size in every image of the batch (the positions where the
+    chosen entries can land). Measured in ``benchmarks/results/scale.md`` (``memory-bank-ddp``).
 
     **Tail classes**: ``tail_classes`` if given; otherwise the LightningModule's resolved ``tail_classes``
     attribute if it has one (e.g. :class:`~lightning_lt.tasks.SegmentationModule` with an explicit list);
@@ -353,7 +390,7 @@ class TailMemoryBank(Callback):
         if world_size > 1 and dist.is_available() and dist.is_initialized():
             self._update_distributed(images, masks, resize, boxes, update_generator, world_size, rank)
         else:
-            bank = self._fit(images, resize.out_size)
+            bank = self._fit(images, resize.out_size, images.shape[0])
             uniforms = _uniforms(update_generator, present.shape, images.device)
             writer, filled = _plan(present, bank.filled, uniforms, self.memory_size)
             self._bank = self._write(bank, writer, filled, resize, images, masks, boxes)
@@ -369,41 +406,46 @@ class TailMemoryBank(Callback):
         update, paste = self._device_generators[device]
         return update.manual_seed(step_seed), paste.manual_seed(step_seed * 7919 + 104_729 * (rank + 1))
 
-    def _fit(self, images: Tensor, frame_size: Sequence[int]) -> _Bank:
-        """The bank, made or grown for frames of ``frame_size`` on the images' device and dtype; a checkpoint's
-        entries are written into it here, once."""
+    def _fit(self, images: Tensor, frame_size: Sequence[int], frames: int) -> _Bank:
+        """The bank, made or grown for ``frames`` new frames of ``frame_size`` per step, on the images' device and
+        dtype; a checkpoint's entries are written into it here, once (each into a pool frame of its own)."""
         channels, dtype, device = images.shape[1], images.dtype, images.device
+        pool = len(self.tail_classes) * self.memory_size + frames
         if self._bank is None:
             restored = [e for slots in self._restored.values() for e in slots]
             size = (max([frame_size[0], *(e.frame_height for e in restored)]),
                     max([frame_size[1], *(e.frame_width for e in restored)]))
-            self._bank = _Bank.empty(len(self.tail_classes), self.memory_size, channels, size, dtype, device)
+            self._bank = _Bank.empty(len(self.tail_classes), self.memory_size, pool, channels, size, dtype,
+                                     self.num_classes, device)
+            frame = 0
             for t, c in enumerate(self.tail_classes):
-                for m, entry in enumerate(self._restored.get(c, [])[: self.memory_size]):
-                    self._bank.write(t, m, entry)
-                self._bank.filled[t] = min(len(self._restored.get(c, [])), self.memory_size)
+                slots = self._restored.get(c, [])[: self.memory_size]
+                for m, entry in enumerate(slots):
+                    self._bank.point(t, m, frame, self._bank.put(frame, entry, c))
+                    frame += 1
+                self._bank.filled[t] = len(slots)
             self._restored = {}
-        self._bank = self._bank.fit(channels, frame_size, dtype, device)
+        self._bank = self._bank.fit(channels, frame_size, pool, dtype, self.num_classes, device)
         return self._bank
 
     def _write(self, bank: _Bank, writer: Tensor, filled: Tensor, resize: _FrameResize, images: Tensor,
                masks: Tensor, boxes: Tensor) -> _Bank:
-        """The bank with slot ``(t, m)`` holding the entry of frame ``writer[t, m]`` (unchanged where ``-1``):
-        every slot is rewritten by one gather, so nothing is sized by the data."""
-        frames, labels = resize.images(images), resize.labels(masks)
+        """The bank with the batch's resized frames in pool frames that no slot keeps, and slot ``(t, m)`` pointing
+        to frame ``writer[t, m]`` of the batch (unchanged where ``-1``): ``B`` frames written, nothing sized by
+        the data."""
+        frames = resize.images(images)
+        labels = _class_index(resize.labels(masks), self.num_classes).to(bank.labels.dtype)
         pad = (0, bank.frame[1] - frames.shape[-1], 0, bank.frame[0] - frames.shape[-2])
-        frames, labels = F.pad(frames, pad), F.pad(labels, pad, value=-1)
-        new = writer >= 0
-        source = writer.clamp(min=0)
-        tail = self._tail(images.device)
-        t_index = torch.arange(len(tail), device=images.device)[:, None].expand_as(source)
-        return _Bank(
-            torch.where(new[..., None, None, None], frames[source], bank.pixels),
-            torch.where(new[..., None, None], labels[source] == tail[:, None, None, None], bank.masks),
-            torch.where(new[..., None], resize.out_size_tensor, bank.sizes),
-            torch.where(new[..., None], boxes[source, t_index].long(), bank.boxes),
-            filled,
-        )
+        frames, labels = F.pad(frames, pad), F.pad(labels, pad, value=self.num_classes)
+        into = bank.unkept(writer, images.shape[0])
+        bank.pixels.index_copy_(0, into, frames)
+        bank.labels.index_copy_(0, into, labels)
+        bank.sizes.index_copy_(0, into, resize.out_size_tensor.expand(len(into), 2))
+        new, source = writer >= 0, writer.clamp(min=0)
+        t_index = torch.arange(writer.shape[0], device=writer.device)[:, None].expand_as(source)
+        return bank._replace(refs=torch.where(new, into[source], bank.refs),
+                             boxes=torch.where(new[..., None], boxes[source, t_index].long(), bank.boxes),
+                             filled=filled)
 
     def _update_distributed(self, images: Tensor, masks: Tensor, resize: _FrameResize, boxes: Tensor,
                             generator: torch.Generator, world_size: int, rank: int) -> None:
@@ -411,7 +453,7 @@ class TailMemoryBank(Callback):
         every rank alike, then only the surviving entries exchanged, each sent once by the rank that holds it."""
         headers, gathered = _gather_frames(images, boxes, resize.out_size, world_size)
         frame = (max(h[3] for h in headers), max(h[4] for h in headers))
-        bank = self._fit(images, frame)
+        bank = self._fit(images, frame, sum(h[0] for h in headers))
         if gathered is None:  # no tail object on any rank: the bank stays as it is
             return
         uniforms = _uniforms(generator, gathered.shape[:2], images.device)
@@ -419,17 +461,27 @@ class TailMemoryBank(Callback):
         source = writer.clamp(min=0)
         t_index = torch.arange(writer.shape[0], device=writer.device)[:, None].expand_as(writer)
         kept = torch.cat([writer[..., None], gathered[source, t_index].long()], dim=-1)  # [T, M, 5]
+        into = bank.unkept(writer, gathered.shape[0])
+        size = kept.numel()  # the step's second synchronisation: slots, boxes and pool frames, to size the exchange
+        flat = torch.cat([kept.flatten(), into]).tolist()
+        kept, into = flat[:size], flat[size:]
         starts = [sum(h[0] for h in headers[:r]) for r in range(world_size)]
         survivors = []  # (slot, source rank, image, box) in the same order on every rank
-        for t, row in enumerate(kept.tolist()):  # the step's second synchronisation: sizes for the exchange
-            for m, (frame_index, *box) in enumerate(row):
-                if frame_index >= 0:
-                    r = max(r for r in range(world_size) if starts[r] <= frame_index)
-                    survivors.append(((t, m), r, frame_index - starts[r], box))
+        for i in range(0, len(kept), 5):
+            frame_index, box = kept[i], kept[i + 1 : i + 5]
+            if frame_index >= 0:
+                r = max(r for r in range(world_size) if starts[r] <= frame_index)
+                survivors.append((divmod(i // 5, self.memory_size), r, frame_index - starts[r], box))
         own = [(slot, b, box) for slot, r, b, box in survivors if r == rank]
         made = {slot: resize.entry(images[b], masks[b], self.tail_classes[slot[0]], box) for slot, b, box in own}
-        for slot, entry in self._exchange(made, survivors, headers, rank, images.device).items():
-            bank.write(*slot, entry)
+        entries = self._exchange(made, survivors, headers, rank, images.device)
+        cleared = set()
+        for slot, r, b, _ in survivors:
+            pool_frame = into[starts[r] + b]
+            if pool_frame not in cleared:  # the frame's kept crops go into one pool frame
+                bank.clear(pool_frame, self.num_classes)
+                cleared.add(pool_frame)
+            bank.point(*slot, pool_frame, bank.put(pool_frame, entries[slot], self.tail_classes[slot[0]]))
         self._bank = bank._replace(filled=filled)
 
     def _exchange(self, made: dict[tuple[int, int], Entry], survivors: list, headers: list[list[int]], rank: int,
@@ -473,8 +525,10 @@ class TailMemoryBank(Callback):
         pasting numbers ``uniforms`` ``[4, B, T]`` (key, entry, ``x``, ``y`` of each image's classes).
 
         Round ``j`` pastes, into every image at once, its ``j``-th class in key order if ``j`` is below its number
-        of picks ``ceil(p_sample * #absent)`` and the class has entries: a gather of the chosen entries at the
-        drawn offsets, written where their class pixels land."""
+        of picks ``ceil(p_sample * #absent)`` and the class has entries. The chosen entry's frame can only land in
+        a window of the target as large as the bank's frames (clipped to the target) at a position found on the
+        device; the window's pixels are gathered, replaced where the entry's class pixels land, and scattered
+        back (the positions are distinct, so the scatter is deterministic)."""
         bank = self._bank
         batch, num_tail = present.shape
         height, width = masks.shape[-2:]
@@ -482,33 +536,46 @@ class TailMemoryBank(Callback):
         picks = torch.ceil((~present).sum(dim=1).double() * self.p_sample).long()
         order = uniforms[0].masked_fill(present, 2.0).argsort(dim=1, stable=True)  # absent classes first, by key
         images_index = torch.arange(batch, device=device)
-        rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
-        channels = torch.arange(images.shape[1], device=device)
-        labels = self._tail(device).to(masks.dtype)
         frame_h, frame_w = bank.frame
+        window_h, window_w = min(frame_h, height), min(frame_w, width)
+        rows, cols = torch.arange(window_h, device=device), torch.arange(window_w, device=device)
+        tail = self._tail(device)
+        work = images if images.is_contiguous() else images.contiguous()
+        work_masks = masks if masks.is_contiguous() else masks.contiguous()
+        target_pixels, target_labels = work.view(batch, work.shape[1], -1), work_masks.view(batch, -1)
         for j in range(math.ceil(num_tail * self.p_sample)):
             t = order[:, j]
             count = bank.filled[t]
             active = (picks > j) & (count > 0)
             m = _randint(0, count - 1, uniforms[1, images_index, t]).clamp(min=0)
-            size, box = bank.sizes[t, m], bank.boxes[t, m]
+            frame, box = bank.refs[t, m], bank.boxes[t, m]
+            size = bank.sizes[frame]
             if self.placement == "reference":  # the whole resized frame is placed
                 span, origin = size, torch.zeros_like(size)
             else:  # the object's bounding box is placed
                 span, origin = box[:, 2:] - box[:, :2], box[:, :2]
             x = _offset(width, span[:, 1], uniforms[2, images_index, t])
             y = _offset(height, span[:, 0], uniforms[3, images_index, t])
-            source_y = rows[None] - y[:, None] + origin[:, :1]  # [B, H]
-            source_x = cols[None] - x[:, None] + origin[:, 1:]  # [B, W]
+            window_y = y.clamp(0, height - window_h)[:, None] + rows  # [B, h]: target rows
+            window_x = x.clamp(0, width - window_w)[:, None] + cols  # [B, w]
+            source_y = window_y - y[:, None] + origin[:, :1]
+            source_x = window_x - x[:, None] + origin[:, 1:]
             inside = (((source_y >= 0) & (source_y < size[:, :1]))[:, :, None]
-                      & ((source_x >= 0) & (source_x < size[:, 1:]))[:, None, :])
-            source_y, source_x = source_y.clamp(0, frame_h - 1), source_x.clamp(0, frame_w - 1)
-            hit = bank.masks[t[:, None, None], m[:, None, None], source_y[:, :, None], source_x[:, None, :]]
-            hit = hit & inside & active[:, None, None]
-            pixels = bank.pixels[t[:, None, None, None], m[:, None, None, None], channels[None, :, None, None],
-                                 source_y[:, None, :, None], source_x[:, None, None, :]]
-            images.copy_(torch.where(hit[:, None], pixels.to(images.dtype), images))
-            masks.copy_(torch.where(hit, labels[t][:, None, None], masks))
+                      & ((source_x >= 0) & (source_x < size[:, 1:]))[:, None, :]).flatten(1)
+            source = (source_y.clamp(0, frame_h - 1)[:, :, None] * frame_w
+                      + source_x.clamp(0, frame_w - 1)[:, None, :]).flatten(1)  # [B, h * w] in the frame
+            spot = (window_y[:, :, None] * width + window_x[:, None, :]).flatten(1)  # [B, h * w] in the target
+            hit = bank.labels[frame].flatten(1).gather(1, source) == tail[t, None].to(bank.labels.dtype)
+            hit = hit & inside & active[:, None]
+            pixels = bank.pixels[frame].flatten(2).gather(2, source[:, None].expand(-1, work.shape[1], -1))
+            spot_c = spot[:, None].expand(-1, work.shape[1], -1)
+            target_pixels.scatter_(2, spot_c, torch.where(hit[:, None], pixels.to(work.dtype),
+                                                          target_pixels.gather(2, spot_c)))
+            target_labels.scatter_(1, spot, torch.where(hit, tail[t, None].to(masks.dtype), target_labels.gather(1, spot)))
+        if work is not images:
+            images.copy_(work)
+        if work_masks is not masks:
+            masks.copy_(work_masks)
 
     # ------------------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:

@@ -638,12 +638,13 @@ def test_entries_restored_on_the_cpu_are_written_into_the_bank_once():
     restored.load_state_dict(bank.state_dict())
     assert restored.num_entries() == {2: 2}
     written = []
-    write = memory_bank._Bank.write
+    put = memory_bank._Bank.put
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(memory_bank._Bank, "write", lambda *args: written.append(args[1:3]) or write(*args))
+        patch.setattr(memory_bank._Bank, "put", lambda bank, frame, entry, label: written.append((frame, label))
+                      or put(bank, frame, entry, label))
         for _ in range(2):
             restored.update_and_paste(*two_image_batch())
-    assert written == [(0, 0), (0, 1)]
+    assert written == [(0, 2), (1, 2)]  # each entry into a pool frame of its own, at the first batch only
     for entry, entry2 in zip(bank.entries[2], restored.entries[2]):
         assert entries_equal(entry, entry2)
 
