@@ -196,7 +196,10 @@ class TailMemoryBank(Callback):
     ``argsort``), the write of the batch's ``B`` frames into them (``index_copy_``) and the pastes run on the
     device with sizes known on the host. Pasting takes ``ceil(p_sample x #tail classes)`` rounds, each a gather
     and a scatter over a window of the bank's frame size in every image of the batch (the positions where the
-    chosen entries can land). Measured in ``benchmarks/results/scale.md`` (``memory-bank-ddp``).
+    chosen entries can land). When every stored frame has the target's size (``p_resize = 1`` on fixed-size
+    crops, AUCSeg's Cityscapes setting) the reference placement's offsets are all 0 and a round is a direct
+    ``where`` over the chosen frames, with the same result. Measured in ``benchmarks/results/scale.md``
+    (``memory-bank-ddp``) and ``camvid-pretrained.md`` (``tmb_overhead``).
 
     **Tail classes**: ``tail_classes`` if given; otherwise the LightningModule's resolved ``tail_classes``
     attribute if it has one (e.g. :class:`~lightning_lt.tasks.SegmentationModule` with an explicit list);
@@ -304,6 +307,7 @@ class TailMemoryBank(Callback):
             self.tail_classes = validate_tail_classes(tail_classes, num_classes)
         self.batches_seen = 0
         self._bank: Optional[_Bank] = None
+        self._frame_sizes: set[tuple[int, int]] = set()  # sizes of the frames written into the pool (host values)
         self._restored: dict[int, list[Entry]] = {}  # entries of a checkpoint, written into the bank at the next batch
         self._resizes: dict[tuple[tuple[int, ...], torch.device], _FrameResize] = {}
         self._tail_index: dict[torch.device, Tensor] = {}
@@ -417,6 +421,7 @@ class TailMemoryBank(Callback):
                     max([frame_size[1], *(e.frame_width for e in restored)]))
             self._bank = _Bank.empty(len(self.tail_classes), self.memory_size, pool, channels, size, dtype,
                                      self.num_classes, device)
+            self._frame_sizes = {(e.frame_height, e.frame_width) for e in restored}
             frame = 0
             for t, c in enumerate(self.tail_classes):
                 slots = self._restored.get(c, [])[: self.memory_size]
@@ -438,6 +443,7 @@ class TailMemoryBank(Callback):
         pad = (0, bank.frame[1] - frames.shape[-1], 0, bank.frame[0] - frames.shape[-2])
         frames, labels = F.pad(frames, pad), F.pad(labels, pad, value=self.num_classes)
         into = bank.unkept(writer, images.shape[0])
+        self._frame_sizes.add(resize.out_size)
         bank.pixels.index_copy_(0, into, frames)
         bank.labels.index_copy_(0, into, labels)
         bank.sizes.index_copy_(0, into, resize.out_size_tensor.expand(len(into), 2))
@@ -475,6 +481,7 @@ class TailMemoryBank(Callback):
         own = [(slot, b, box) for slot, r, b, box in survivors if r == rank]
         made = {slot: resize.entry(images[b], masks[b], self.tail_classes[slot[0]], box) for slot, b, box in own}
         entries = self._exchange(made, survivors, headers, rank, images.device)
+        self._frame_sizes |= {(h[3], h[4]) for h in headers}
         cleared = set()
         for slot, r, b, _ in survivors:
             pool_frame = into[starts[r] + b]
@@ -540,6 +547,19 @@ class TailMemoryBank(Callback):
         window_h, window_w = min(frame_h, height), min(frame_w, width)
         rows, cols = torch.arange(window_h, device=device), torch.arange(window_w, device=device)
         tail = self._tail(device)
+        if self.placement == "reference" and self._frame_sizes == {(height, width)}:
+            # every stored frame has the target's size: the reference's offsets are randint(0, 0), so each entry
+            # lands where it was in its own frame, and no window needs to be gathered
+            for j in range(math.ceil(num_tail * self.p_sample)):
+                t = order[:, j]
+                count = bank.filled[t]
+                m = _randint(0, count - 1, uniforms[1, images_index, t]).clamp(min=0)
+                frame = bank.refs[t, m]
+                hit = bank.labels[frame, :height, :width] == tail[t, None, None].to(bank.labels.dtype)
+                hit &= ((picks > j) & (count > 0))[:, None, None]
+                images.copy_(torch.where(hit[:, None], bank.pixels[frame, :, :height, :width].to(images.dtype), images))
+                masks.copy_(torch.where(hit, tail[t, None, None].to(masks.dtype), masks))
+            return
         work = images if images.is_contiguous() else images.contiguous()
         work_masks = masks if masks.is_contiguous() else masks.contiguous()
         target_pixels, target_labels = work.view(batch, work.shape[1], -1), work_masks.view(batch, -1)

@@ -630,6 +630,32 @@ def test_a_step_makes_no_host_sync_on_cuda(placement):
     assert cuda.num_entries() == cpu.num_entries() == {2: 2, 3: 2}
 
 
+def test_frames_of_the_targets_size_take_the_direct_paste_with_the_same_result(monkeypatch):
+    """When every stored frame has the target's size (p_resize 1 on fixed-size crops), the reference placement's
+    offsets are 0 and the bank pastes without gathering windows; the pastes equal the general path's."""
+    windowed = []
+    original = memory_bank.TailMemoryBank._paste
+    direct, general = ready_bank(memory_size=2, p_sample=0.5, seed=2), ready_bank(memory_size=2, p_sample=0.5, seed=2)
+
+    def paste(bank, images, masks, present, uniforms):
+        if bank is general:
+            bank._frame_sizes.add((0, 0))  # a size the pool never held: the general path
+        windowed.append(bank._frame_sizes != {tuple(masks.shape[-2:])})
+        return original(bank, images, masks, present, uniforms)
+
+    monkeypatch.setattr(memory_bank.TailMemoryBank, "_paste", paste)
+    pasted = 0
+    for step in range(4):
+        images, masks = busy_frames(4, 16, 14, seed=step)
+        batches = (images.clone(), masks.clone()), (images.clone(), masks.clone())
+        direct.update_and_paste(*batches[0])
+        general.update_and_paste(*batches[1])
+        assert torch.equal(batches[0][1], batches[1][1]) and torch.equal(batches[0][0], batches[1][0])
+        pasted += int((batches[0][1] != masks).sum())
+    assert pasted > 0
+    assert windowed == [False, True] * 4
+
+
 def test_entries_restored_on_the_cpu_are_written_into_the_bank_once():
     bank = ready_bank(tail_classes=[2])
     for value in (0.7, 0.8):
