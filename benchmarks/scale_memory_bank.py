@@ -101,16 +101,13 @@ class PickledExchangeBank(TailMemoryBank):
         uniforms = memory_bank._uniforms(generator, present.shape, images.device)
         writer, filled = memory_bank._plan(present.to(images.device), bank.filled, uniforms, self.memory_size)
         into = bank.unkept(writer, len(present)).tolist()
-        cleared = set()
+        writes = []
         for t, row in enumerate(writer.tolist()):
             for m, n in enumerate(row):
                 if n >= 0:
                     r = max(r for r in range(world_size) if starts[r] <= n)
-                    if into[n] not in cleared:
-                        bank.clear(into[n], self.num_classes)
-                        cleared.add(into[n])
-                    c = self.tail_classes[t]
-                    bank.point(t, m, into[n], bank.put(into[n], gathered[r][1][(n - starts[r], t)], c))
+                    writes.append(((t, m), into[n], gathered[r][1][(n - starts[r], t)], self.tail_classes[t]))
+        bank.store(writes, self.num_classes)
         self._bank = bank._replace(filled=filled)
 
 

@@ -116,9 +116,19 @@ class _Bank(NamedTuple):
                                    labels[frame, top:bottom, left:right] == c, top, left, *sizes[frame]))
         return entries
 
-    def put(self, frame: int, entry: Entry, label: int) -> tuple[int, int, int, int]:
-        """Write one host-side entry (a crop of class ``label``) into pool frame ``frame``, in place, beside what
-        the frame holds; returns its box."""
+    def store(self, writes: Sequence[tuple[tuple[int, int], int, Entry, int]], num_classes: int) -> None:
+        """Write host-side entries (crops) in place: ``(slot, pool frame, entry, class)`` each. A pool frame is
+        cleared before its first crop, so the crops of one source frame (its kept classes) share a pool frame."""
+        cleared = set()
+        for (t, m), frame, entry, label in writes:
+            if frame not in cleared:
+                self.labels[frame] = num_classes
+                cleared.add(frame)
+            self.refs[t, m] = frame
+            self.boxes[t, m] = torch.tensor(self._put(frame, entry, label))
+
+    def _put(self, frame: int, entry: Entry, label: int) -> tuple[int, int, int, int]:
+        """Write one crop of class ``label`` into pool frame ``frame`` beside what the frame holds; its box."""
         self.sizes[frame] = torch.tensor([entry.frame_height, entry.frame_width])
         h, w = entry.mask.shape
         if not (h and w):
@@ -128,14 +138,6 @@ class _Bank(NamedTuple):
         region = self.labels[frame, top : top + h, left : left + w]
         region.copy_(torch.where(entry.mask.to(region.device), label, region))
         return top, left, top + h, left + w
-
-    def clear(self, frame: int, num_classes: int) -> None:
-        self.labels[frame] = num_classes
-
-    def point(self, t: int, m: int, frame: int, box: Sequence[int]) -> None:
-        """Slot ``(t, m)`` becomes the entry of ``box`` in pool frame ``frame``."""
-        self.refs[t, m] = frame
-        self.boxes[t, m] = torch.tensor(list(box))
 
 
 class TailMemoryBank(Callback):
@@ -422,13 +424,12 @@ class TailMemoryBank(Callback):
             self._bank = _Bank.empty(len(self.tail_classes), self.memory_size, pool, channels, size, dtype,
                                      self.num_classes, device)
             self._frame_sizes = {(e.frame_height, e.frame_width) for e in restored}
-            frame = 0
+            writes = [((t, m), entry, c) for t, c in enumerate(self.tail_classes)
+                      for m, entry in enumerate(self._restored.get(c, [])[: self.memory_size])]
+            self._bank.store([(slot, frame, entry, c) for frame, (slot, entry, c) in enumerate(writes)],
+                             self.num_classes)  # each entry into a pool frame of its own
             for t, c in enumerate(self.tail_classes):
-                slots = self._restored.get(c, [])[: self.memory_size]
-                for m, entry in enumerate(slots):
-                    self._bank.point(t, m, frame, self._bank.put(frame, entry, c))
-                    frame += 1
-                self._bank.filled[t] = len(slots)
+                self._bank.filled[t] = min(len(self._restored.get(c, [])), self.memory_size)
             self._restored = {}
         self._bank = self._bank.fit(channels, frame_size, pool, dtype, self.num_classes, device)
         return self._bank
@@ -482,13 +483,8 @@ class TailMemoryBank(Callback):
         made = {slot: resize.entry(images[b], masks[b], self.tail_classes[slot[0]], box) for slot, b, box in own}
         entries = self._exchange(made, survivors, headers, rank, images.device)
         self._frame_sizes |= {(h[3], h[4]) for h in headers}
-        cleared = set()
-        for slot, r, b, _ in survivors:
-            pool_frame = into[starts[r] + b]
-            if pool_frame not in cleared:  # the frame's kept crops go into one pool frame
-                bank.clear(pool_frame, self.num_classes)
-                cleared.add(pool_frame)
-            bank.point(*slot, pool_frame, bank.put(pool_frame, entries[slot], self.tail_classes[slot[0]]))
+        bank.store([(slot, into[starts[r] + b], entries[slot], self.tail_classes[slot[0]]) for slot, r, b, _ in survivors],
+                   self.num_classes)
         self._bank = bank._replace(filled=filled)
 
     def _exchange(self, made: dict[tuple[int, int], Entry], survivors: list, headers: list[list[int]], rank: int,
@@ -547,29 +543,31 @@ class TailMemoryBank(Callback):
         window_h, window_w = min(frame_h, height), min(frame_w, width)
         rows, cols = torch.arange(window_h, device=device), torch.arange(window_w, device=device)
         tail = self._tail(device)
+
+        def choose(j: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            """Round ``j``'s class ``t`` and slot ``m`` per image, its pool frame, and whether it pastes."""
+            t = order[:, j]
+            count = bank.filled[t]
+            m = _randint(0, count - 1, uniforms[1, images_index, t]).clamp(min=0)
+            return t, m, bank.refs[t, m], (picks > j) & (count > 0)
+
+        rounds = range(math.ceil(num_tail * self.p_sample))
         if self.placement == "reference" and self._frame_sizes == {(height, width)}:
             # every stored frame has the target's size: the reference's offsets are randint(0, 0), so each entry
             # lands where it was in its own frame, and no window needs to be gathered
-            for j in range(math.ceil(num_tail * self.p_sample)):
-                t = order[:, j]
-                count = bank.filled[t]
-                m = _randint(0, count - 1, uniforms[1, images_index, t]).clamp(min=0)
-                frame = bank.refs[t, m]
+            for j in rounds:
+                t, _, frame, active = choose(j)
                 hit = bank.labels[frame, :height, :width] == tail[t, None, None].to(bank.labels.dtype)
-                hit &= ((picks > j) & (count > 0))[:, None, None]
+                hit &= active[:, None, None]
                 images.copy_(torch.where(hit[:, None], bank.pixels[frame, :, :height, :width].to(images.dtype), images))
                 masks.copy_(torch.where(hit, tail[t, None, None].to(masks.dtype), masks))
             return
         work = images if images.is_contiguous() else images.contiguous()
         work_masks = masks if masks.is_contiguous() else masks.contiguous()
         target_pixels, target_labels = work.view(batch, work.shape[1], -1), work_masks.view(batch, -1)
-        for j in range(math.ceil(num_tail * self.p_sample)):
-            t = order[:, j]
-            count = bank.filled[t]
-            active = (picks > j) & (count > 0)
-            m = _randint(0, count - 1, uniforms[1, images_index, t]).clamp(min=0)
-            frame, box = bank.refs[t, m], bank.boxes[t, m]
-            size = bank.sizes[frame]
+        for j in rounds:
+            t, m, frame, active = choose(j)
+            box, size = bank.boxes[t, m], bank.sizes[frame]
             if self.placement == "reference":  # the whole resized frame is placed
                 span, origin = size, torch.zeros_like(size)
             else:  # the object's bounding box is placed

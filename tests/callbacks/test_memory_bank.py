@@ -664,9 +664,9 @@ def test_entries_restored_on_the_cpu_are_written_into_the_bank_once():
     restored.load_state_dict(bank.state_dict())
     assert restored.num_entries() == {2: 2}
     written = []
-    put = memory_bank._Bank.put
+    put = memory_bank._Bank._put
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(memory_bank._Bank, "put", lambda bank, frame, entry, label: written.append((frame, label))
+        patch.setattr(memory_bank._Bank, "_put", lambda bank, frame, entry, label: written.append((frame, label))
                       or put(bank, frame, entry, label))
         for _ in range(2):
             restored.update_and_paste(*two_image_batch())
